@@ -1,0 +1,97 @@
+"""The default configuration: every field of the reference protocol, in one place.
+
+Configs in `configs/` start from `base_config()` and change only what differs
+(dataset, steps, dropout, model size). Every deviation from the reference
+protocol is a field here whose default reproduces the reference.
+"""
+import ml_collections
+
+# Encoder variants of DINOv2 ViT/14: (embed_dim, depth, num_heads, ffn).
+VIT_TARGET_LAYERS = {
+    "small": [2, 3, 4, 5, 6, 7, 8, 9],
+    "base": [2, 3, 4, 5, 6, 7, 8, 9],
+    "large": [4, 6, 8, 10, 12, 14, 16, 18],
+    "giant": [4, 6, 8, 10, 12, 14, 16, 18],  # not in the paper; same spacing as large
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.mode = "train"  # train | eval | predict | export
+  c.seed = 0
+
+  # --- Model -----------------------------------------------------------------
+  c.model = m = ml_collections.ConfigDict()
+  m.vit = "base"  # small | base | large | giant
+  m.registers = 4  # 0 or 4 register tokens (dinov2reg_vit_base_14 by default)
+  m.target_layers = list(VIT_TARGET_LAYERS["base"])
+  # Loose constraint: indices into the target-layer list, each group is a mean.
+  m.fuse_groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+  m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+  m.attention_impl = "auto"  # encoder softmax attention: auto | xla | cudnn | blocked
+  m.bottleneck_ratio = 4  # D -> ratio*D -> D
+  m.bottleneck_dropout = 0.2
+  m.decoder_depth = 8
+  m.decoder_attention = "linear"  # linear | softmax | qk_v_linear
+  m.linear_attention_eps = 0.0  # deviation switch: eps in the linear-attention denominator
+  m.mask_neighbor_size = 0  # 0 = off; n masks an n x n neighbourhood in decoder attention
+  m.conv_decoder_kernel = 0  # 0 = transformer decoder; 3/5/7 = inverted-bottleneck conv decoder
+
+  # Encoder weights: a directory written by `python -m weight_conversion.convert`,
+  # or an official DINOv2 .pth file (converted on the fly and cached). Empty = none:
+  # real configs stop with instructions; the demo sets random_encoder=True.
+  c.encoder_weights = ""
+  c.random_encoder = False
+
+  # --- Data ------------------------------------------------------------------
+  c.data = d = ml_collections.ConfigDict()
+  d.layout = "mvtec"  # mvtec | visa | realiad | folder
+  d.root = ""
+  d.classes = ()  # empty = all classes found under root
+  d.class_separated = False  # True: one model per class (5,000 steps each)
+  d.resize = 448
+  d.crop = 392
+  d.mask_size = 256
+  d.workers = 2  # grain worker processes (0 = in-process)
+  d.packed = ""  # a TFDS array_record directory from `python -m dinomaly_jax.data.pack`
+  d.cache_features = False  # deviation switch: train on cached encoder features
+
+  # --- Training ----------------------------------------------------------------
+  c.train = t = ml_collections.ConfigDict()
+  t.steps = 10_000
+  t.batch_size = 16  # global batch
+  t.lr = 2e-3
+  t.final_lr = 2e-4
+  t.warmup_steps = 100
+  t.weight_decay = 1e-4
+  t.b1 = 0.9
+  t.b2 = 0.999
+  t.eps = 1e-10
+  t.amsgrad = True
+  t.clip_norm = 0.1
+  t.loss_p_final = 0.9  # hard-mining ratio p = min(p_final * step / p_steps, p_final)
+  t.loss_p_steps = 1000
+  t.easy_grad_factor = 0.1
+  t.log_every = 50
+  t.eval_every = 0  # 0 = evaluate only at the end
+  t.checkpoint_every = 1000
+  t.keep_checkpoints = 3
+
+  # --- Evaluation ----------------------------------------------------------------
+  c.eval = e = ml_collections.ConfigDict()
+  e.batch_size = 16
+  e.map_size = 256
+  e.gaussian_size = 5
+  e.gaussian_sigma = 4.0
+  e.top_ratio = 0.01  # image score = mean of the top 1% of the map
+  e.aupro = "reference"  # reference | mvtec
+  e.aupro_max_fpr = 0.3
+  e.aupro_thresholds = 200
+  e.pictures_per_class = 4
+  e.full_resolution_maps = False
+
+  # --- Prediction ------------------------------------------------------------------
+  c.predict = p = ml_collections.ConfigDict()
+  p.input = ""  # a folder or glob of images
+  p.output = ""  # default: <workdir>/predictions
+  return c
