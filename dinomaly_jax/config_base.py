@@ -95,3 +95,44 @@ def base_config() -> ml_collections.ConfigDict:
   p.input = ""  # a folder or glob of images
   p.output = ""  # default: <workdir>/predictions
   return c
+
+
+def parse_arg(arg: str | None, **defaults):
+  """Parses a config argument string such as "vit=small,sep" into a ConfigDict.
+
+  `key=value` sets a value (cast to the type of the default), a bare `key`
+  sets a boolean default to True. Unknown keys raise a ValueError naming them.
+  """
+  result = ml_collections.ConfigDict(dict(defaults))
+  for item in filter(None, (arg or "").split(",")):
+    key, has_value, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(
+          f"Unknown config argument {key!r} in {arg!r}; expected one of "
+          f"{sorted(defaults)}.")
+    default = defaults[key]
+    if not has_value:
+      if not isinstance(default, bool):
+        raise ValueError(f"Config argument {key!r} needs a value ({key}=...).")
+      result[key] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"Config argument {key!r} must be true or false, got {value!r}.")
+      result[key] = value.lower() in ("true", "1")
+    else:
+      try:
+        result[key] = type(default)(value)
+      except ValueError:
+        raise ValueError(
+            f"Config argument {key!r} must be a {type(default).__name__}, "
+            f"got {value!r}.") from None
+  return result
+
+
+def set_vit(c: ml_collections.ConfigDict, vit: str) -> None:
+  """Selects the encoder size and its protocol target layers."""
+  if vit not in VIT_TARGET_LAYERS:
+    raise ValueError(f"vit must be one of {sorted(VIT_TARGET_LAYERS)}, got {vit!r}.")
+  c.model.vit = vit
+  c.model.target_layers = list(VIT_TARGET_LAYERS[vit])
