@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = d = ml_collections.ConfigDict()
   d.layout = "mvtec"  # mvtec | visa | realiad | folder
   d.root = ""
+  d.synthetic = False  # True: generate the demo dataset into <workdir>/demo_data and use it
   d.classes = ()  # empty = all classes found under root
   d.class_separated = False  # True: one model per class (5,000 steps each)
   d.resize = 448
