@@ -95,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.predict = p = ml_collections.ConfigDict()
   p.input = ""  # a folder or glob of images
   p.output = ""  # default: <workdir>/predictions
+  p.class_name = ""  # threshold of this class; default: a class named in the path, else pooled
   return c
 
 

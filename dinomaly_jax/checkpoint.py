@@ -1,0 +1,98 @@
+"""Checkpoints of the trainable state (orbax), resume, and the work-directory config check.
+
+The frozen encoder is not checkpointed: it is reloaded from `config.encoder_weights`
+(or re-created from the seed for random-encoder runs), so a checkpoint holds only
+the step, bottleneck + decoder parameters, optimizer state and RNG.
+"""
+import json
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+# Fields that may differ between the run that wrote a work directory and one that
+# continues it: they change neither the parameters' shapes nor the trajectory.
+_FREE_FIELDS = ("mode", "encoder_weights", "data.root", "data.workers", "data.packed",
+                "train.log_every", "train.eval_every", "train.checkpoint_every",
+                "train.keep_checkpoints", "eval.", "predict.")
+
+
+class IncompatibleWorkdirError(RuntimeError):
+  """The work directory holds a run of a different configuration."""
+
+
+def _flatten(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def _as_plain(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json())
+
+
+def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses a work directory whose saved config differs in a field that matters."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = _flatten(json.load(f))
+  now = _flatten(_as_plain(config))
+  diffs = [f"  config.{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
+           for k in sorted(set(saved) | set(now))
+           if saved.get(k) != now.get(k) and not k.startswith(_FREE_FIELDS)]
+  if diffs:
+    raise IncompatibleWorkdirError(
+        f"The work directory {workdir} holds a run with a different configuration "
+        f"({path}):\n" + "\n".join(diffs) +
+        "\nUse a new --workdir, or the same config to resume this run.")
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config.to_json(indent=2))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No {CONFIG_FILE} in {workdir}: is it the work directory of a training run?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def manager(workdir: str, config: ml_collections.ConfigDict, *, read_only=False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.train.keep_checkpoints, enable_async_checkpointing=not read_only,
+      read_only=read_only, create=not read_only)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
+  """Saves the trainable part of `state` asynchronously."""
+  mngr.save(step, args=ocp.args.StandardSave(_trainable(state)), force=True)
+
+
+def restore(mngr: ocp.CheckpointManager, state, step: int | None = None):
+  """Restores into the structure, dtypes and shardings of `state` (the latest step by default)."""
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {mngr.directory}.")
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _trainable(state))
+  restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
+  return state.replace(**restored)
+
+
+def _trainable(state) -> dict:
+  return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng}

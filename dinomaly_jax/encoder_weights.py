@@ -1,0 +1,60 @@
+"""The frozen encoder's parameters: a converted directory, an official .pth, or random."""
+import hashlib
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+HOW_TO_GET_WEIGHTS = """\
+No encoder weights: set --config.encoder_weights to a directory written by
+  python -m weight_conversion.convert --download vitb14_reg4 --out weights/dinov2_vitb14_reg4
+(or --checkpoint dinov2_vitb14_reg4_pretrain.pth from
+https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth),
+or to the official .pth file itself (it is converted once and cached).
+Only the demo runs with random encoder weights (config.random_encoder=True)."""
+
+
+class EncoderWeightsError(ValueError):
+  """The encoder weights are missing or do not fit the configured model."""
+
+
+def cache_dir() -> str:
+  return os.environ.get("DINOMALY_JAX_CACHE", os.path.expanduser("~/.cache/dinomaly_jax"))
+
+
+def load_encoder_params(config: ml_collections.ConfigDict, encoder, image_hw):
+  """Returns the encoder's parameter tree for `config` (random when config.random_encoder)."""
+  if config.random_encoder:
+    images = jnp.zeros((1, *image_hw, 3), jnp.float32)
+    return jax.jit(lambda r: encoder.init(r, images, [0])["params"])(
+        jax.random.fold_in(jax.random.key(config.seed), 17))
+  path = config.encoder_weights
+  if not path:
+    raise EncoderWeightsError(HOW_TO_GET_WEIGHTS)
+  if not os.path.exists(path):
+    raise EncoderWeightsError(f"config.encoder_weights: {path} does not exist.\n{HOW_TO_GET_WEIGHTS}")
+  from dinomaly_jax import weights  # pylint: disable=g-import-not-at-top
+  if os.path.isfile(path):
+    path = _convert_cached(path)
+  params, meta = weights.load_encoder(path)
+  expected = (config.model.vit, config.model.registers)
+  found = (meta.get("vit"), meta.get("registers"))
+  if found != expected:
+    raise EncoderWeightsError(
+        f"config.encoder_weights: {config.encoder_weights} holds ViT-{found[0]} with "
+        f"{found[1]} registers, but the config asks for ViT-{expected[0]} with {expected[1]} "
+        f"registers (config.model.vit, config.model.registers).")
+  return params
+
+
+def _convert_cached(checkpoint: str) -> str:
+  """Converts a PyTorch checkpoint once; later runs reuse the converted directory."""
+  from weight_conversion import convert  # pylint: disable=g-import-not-at-top
+  stat = os.stat(checkpoint)
+  key = hashlib.sha1(f"{os.path.abspath(checkpoint)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+  out = os.path.join(cache_dir(), f"{os.path.basename(checkpoint)}-{key}")
+  if not os.path.exists(out):
+    print(f"Converting {checkpoint} -> {out} (once; cached for later runs)")
+    convert.convert_file(checkpoint, out)
+  return out

@@ -1,0 +1,90 @@
+"""Prediction on new images: score, decision with the saved threshold, heatmaps, a CSV."""
+import csv
+import glob
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from dinomaly_jax import anomaly_map
+from dinomaly_jax import evaluate
+from dinomaly_jax import model_state
+from dinomaly_jax import pictures
+from dinomaly_jax import sharding
+from dinomaly_jax import train_step
+from dinomaly_jax.data import transforms
+from dinomaly_jax.data.records import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def list_images(pattern: str) -> list[str]:
+  """A folder (searched recursively) or a glob pattern -> sorted image paths."""
+  if not pattern:
+    raise DataError("config.predict.input is empty: give a folder or a glob of images "
+                    "(--config.predict.input='/data/new/*.png').")
+  if os.path.isdir(pattern):
+    paths = glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
+  else:
+    paths = glob.glob(pattern, recursive=True)
+  paths = sorted(p for p in paths if p.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(p))
+  if not paths:
+    raise DataError(f"config.predict.input: no images ({', '.join(IMAGE_EXTENSIONS)}) match {pattern!r}.")
+  return paths
+
+
+def _threshold_for(path: str, class_name: str, thresholds: dict) -> tuple[str, float]:
+  """The class's threshold: the configured class, else a known class in the path, else pooled."""
+  if class_name:
+    if class_name not in thresholds:
+      raise DataError(f"config.predict.class_name={class_name!r} is not a trained class; "
+                      f"known: {sorted(k for k in thresholds if k != evaluate.POOLED)}.")
+    return class_name, thresholds[class_name]
+  parts = os.path.normpath(path).split(os.sep)
+  for part in reversed(parts[:-1]):
+    if part in thresholds and part != evaluate.POOLED:
+      return part, thresholds[part]
+  return evaluate.POOLED, thresholds[evaluate.POOLED]
+
+
+def predict(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Writes predictions.csv and one heatmap PNG per image into config.predict.output."""
+  paths = list_images(config.predict.input)
+  threshold_file = os.path.join(workdir, evaluate.THRESHOLDS_FILE)
+  if not os.path.exists(threshold_file):
+    raise FileNotFoundError(f"No {threshold_file}: run training (or --mode=eval) in {workdir} first.")
+  with open(threshold_file) as f:
+    thresholds = json.load(f)
+  out_dir = config.predict.output or os.path.join(workdir, "predictions")
+  os.makedirs(out_dir, exist_ok=True)
+  mesh = sharding.make_mesh()
+  model, state = model_state.load_trained(config, workdir, mesh)
+  map_fn = evaluate.make_map_fn(model, config)
+  variables = train_step.model_variables(state)
+  rows = []
+  bs = config.eval.batch_size
+  for start in tqdm(range(0, len(paths), bs), desc="predict", disable=jax.process_index() != 0):
+    chunk = paths[start:start + bs]
+    originals = [transforms.load_image(p) for p in chunk]  # RGB uint8 (H, W, 3)
+    images = np.stack([transforms.preprocess_image(o, config.data) for o in originals])
+    maps, scores = jax.device_get(map_fn(variables, images))
+    for path, original, amap, score in zip(chunk, originals, maps, scores):
+      class_name, threshold = _threshold_for(path, config.predict.class_name, thresholds)
+      heatmap = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + "_heatmap.png")
+      full = np.asarray(anomaly_map.full_resolution_map(amap[None], original.shape[:2], config.data)[0])
+      pictures.save_heatmap(heatmap, original, full, threshold)
+      rows.append({"image": path, "class": class_name, "score": float(score),
+                   "threshold": float(threshold),
+                   "decision": "anomalous" if score >= threshold else "normal",
+                   "heatmap": heatmap})
+  with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  n_bad = sum(r["decision"] == "anomalous" for r in rows)
+  print(f"{len(rows)} images: {n_bad} anomalous, {len(rows) - n_bad} normal -> "
+        f"{os.path.join(out_dir, 'predictions.csv')}")
+  return rows

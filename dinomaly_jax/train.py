@@ -1,0 +1,102 @@
+"""The train loop: state, jitted step over the mesh, checkpoints, logging, evaluation."""
+import math
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from dinomaly_jax import checkpoint
+from dinomaly_jax import evaluate
+from dinomaly_jax import metric_writer
+from dinomaly_jax import model_state
+from dinomaly_jax import sharding
+from dinomaly_jax import train_step
+from dinomaly_jax.data import index as data_index
+from dinomaly_jax.data import pipeline
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite."""
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from the latest checkpoint in `workdir`), then evaluates."""
+  checkpoint.check_compatible(workdir, config)
+  checkpoint.save_config(workdir, config)
+  records = data_index.build_records(config.data, "train")
+  test_records = data_index.build_records(config.data, "test")  # fail early on bad test data
+  mesh = sharding.make_mesh()
+  model, state = model_state.build(config)
+  state = jax.device_put(state, sharding.replicated(mesh))
+  mngr = checkpoint.manager(workdir, config)
+  start = mngr.latest_step() or 0
+  if start:
+    state = checkpoint.restore(mngr, state, start)
+    _log(f"Resumed from the checkpoint of step {start} in {workdir}.")
+  step_fn = train_step.make_train_step(model, config, mesh)
+  n_proc, batch = jax.process_count(), config.train.batch_size
+  if batch % n_proc:
+    raise ValueError(f"config.train.batch_size ({batch}) must be divisible by the number of processes ({n_proc}).")
+  batches = pipeline.train_iterator(
+      records, config.data, batch_size=batch // n_proc, seed=config.seed,
+      process_index=jax.process_index(), process_count=n_proc, start_step=start)
+  writer = metric_writer.MetricWriter(workdir)
+  _log(f"Training {config.train.steps} steps on {len(records)} images of "
+       f"{len(set(r.class_name for r in records))} classes, global batch {batch}, "
+       f"{jax.device_count()} devices ({jax.devices()[0].platform}).")
+  result = {}
+  pending = []  # (step, metrics on device): fetched at log time, no sync per step
+  bar = tqdm(total=config.train.steps, initial=start, disable=jax.process_index() != 0,
+             dynamic_ncols=True, desc="train")
+  last_good_checkpoint = start
+  try:
+    for step in range(start, config.train.steps):
+      global_batch = sharding.global_batch(next(batches), mesh)
+      state, metrics = step_fn(state, global_batch)
+      pending.append((step, metrics))
+      done = step + 1
+      is_last = done == config.train.steps
+      if done % config.train.log_every == 0 or is_last or _due(done, config.train.checkpoint_every):
+        _flush(pending, writer, bar, last_good_checkpoint)
+      if _due(done, config.train.checkpoint_every) or is_last:
+        checkpoint.save(mngr, done, state)
+        last_good_checkpoint = done
+      if _due(done, config.train.eval_every) and not is_last:
+        mngr.wait_until_finished()
+        evaluate.evaluate(config, workdir, model, state, test_records, step=done, mesh=mesh)
+    bar.close()
+    mngr.wait_until_finished()
+    result = evaluate.evaluate(config, workdir, model, state, test_records, step=config.train.steps, mesh=mesh)
+  finally:
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+  return result
+
+
+def _due(done: int, every: int) -> bool:
+  return every > 0 and done % every == 0
+
+
+def _flush(pending, writer, bar, last_good_checkpoint) -> None:
+  """Fetches the pending step metrics, checks them, logs the last one."""
+  fetched = jax.device_get([m for _, m in pending])
+  for (step, _), m in zip(pending, fetched):
+    if not math.isfinite(float(m["loss"])):
+      raise NonFiniteLossError(
+          f"The loss is {float(m['loss'])} at step {step + 1}: training stopped. The last good "
+          f"checkpoint is step {last_good_checkpoint}; lower config.train.lr or check the data.")
+  step, m = pending[-1][0], fetched[-1]
+  writer.write_scalars(step + 1, m)
+  bar.set_postfix(loss=f"{float(m['loss']):.4f}", p=f"{float(m['p']):.2f}", lr=f"{float(m['lr']):.2e}")
+  bar.update(step + 1 - bar.n)
+  pending.clear()
+
+
+def _log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
