@@ -1,0 +1,81 @@
+"""Configs load, parse their arguments and reject bad values naming the field."""
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+from dinomaly_jax import config_base
+from dinomaly_jax import config_validation
+
+
+def _config(name, arg=None):
+  return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+@pytest.mark.parametrize("name", ["mvtec", "visa", "realiad", "folder", "demo"])
+def test_every_config_validates(name):
+  c = _config(name)
+  c.data.root = c.data.root or "/data/somewhere"
+  config_validation.validate(c)
+
+
+def test_protocol_defaults():
+  c = _config("realiad")
+  assert (c.train.steps, c.model.bottleneck_dropout) == (50_000, 0.4)
+  c = _config("realiad", "sep")
+  assert (c.train.steps, c.model.bottleneck_dropout, c.data.class_separated) == (5_000, 0.2, True)
+  c = _config("mvtec", "vit=large")
+  assert c.model.target_layers == [4, 6, 8, 10, 12, 14, 16, 18]
+  assert (c.train.lr, c.train.batch_size, c.data.resize, c.data.crop) == (2e-3, 16, 448, 392)
+
+
+def test_config_argument_errors():
+  with pytest.raises(ValueError, match="Unknown config argument 'vitt'"):
+    _config("mvtec", "vitt=small")
+  with pytest.raises(ValueError, match="vit must be one of"):
+    _config("mvtec", "vit=tiny")
+  with pytest.raises(ValueError, match="'steps' must be a int"):
+    config_base.parse_arg("steps=many", steps=3)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("train.steps", -1, "config.train.steps must be a positive integer, got -1"),
+    ("data.crop", 390, "config.data.crop must be a multiple of the patch size 14, got 390"),
+    ("model.bottleneck_dropout", 1.5, "config.model.bottleneck_dropout must be a number in [0.0, 1.0)"),
+    ("model.decoder_attention", "flash", "config.model.decoder_attention must be one of"),
+    ("eval.gaussian_size", 4, "config.eval.gaussian_size must be an odd positive integer, got 4"),
+    ("model.target_layers", [2, 3, 12], "config.model.target_layers must be distinct block indices in [0, 12)"),
+])
+def test_validation_names_the_field(field, value, message):
+  c = _config("demo")
+  section, key = field.split(".")
+  c[section][key] = value
+  with pytest.raises(config_validation.ConfigError) as e:
+    config_validation.validate(c)
+  assert message in str(e.value)
+
+
+def test_missing_root_is_explained():
+  c = _config("visa")
+  with pytest.raises(config_validation.ConfigError, match="config.data.root must be the dataset folder"):
+    config_validation.validate(c)
+
+
+def test_command_line_rejects_unknown_field(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "dinomaly_jax.main", "--config=configs/demo.py",
+       f"--workdir={tmp_path}", "--config.train.stepz=3"],
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "stepz" in proc.stderr
+
+
+def test_command_line_rejects_bad_value_before_work(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "dinomaly_jax.main", "--config=configs/demo.py",
+       f"--workdir={tmp_path}", "--config.train.steps=0"],
+      capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  assert "config.train.steps must be a positive integer, got 0" in proc.stderr
+  assert not (tmp_path / "demo_data").exists()
