@@ -18,7 +18,7 @@ CHECKPOINT_DIR = "checkpoints"
 # continues it: they change neither the parameters' shapes nor the trajectory.
 _FREE_FIELDS = ("mode", "encoder_weights", "data.root", "data.workers", "data.packed",
                 "train.log_every", "train.eval_every", "train.checkpoint_every",
-                "train.keep_checkpoints", "eval.", "predict.")
+                "train.keep_checkpoints", "train.stop_after", "eval.", "predict.")
 
 
 class IncompatibleWorkdirError(RuntimeError):

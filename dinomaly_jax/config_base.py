@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.eval_every = 0  # 0 = evaluate only at the end
   t.checkpoint_every = 1000
   t.keep_checkpoints = 3
+  t.stop_after = 0  # >0: checkpoint and stop after this many steps (resume later in the same workdir)
 
   # --- Evaluation ----------------------------------------------------------------
   c.eval = e = ml_collections.ConfigDict()

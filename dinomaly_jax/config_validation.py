@@ -87,7 +87,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   t = c.train
   for f in ("steps", "batch_size", "loss_p_steps", "log_every", "keep_checkpoints"):
     _positive_int(c, f"train.{f}")
-  for f in ("warmup_steps", "eval_every", "checkpoint_every"):
+  for f in ("warmup_steps", "eval_every", "checkpoint_every", "stop_after"):
     v = t[f]
     _check(_is_int(v) and v >= 0, f"train.{f}", "an integer >= 0", v)
   _check(t.warmup_steps < t.steps, "train.warmup_steps", f"< train.steps ({t.steps})", t.warmup_steps)

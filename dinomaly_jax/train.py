@@ -53,12 +53,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
              dynamic_ncols=True, desc="train")
   last_good_checkpoint = start
   try:
-    for step in range(start, config.train.steps):
+    end = config.train.steps
+    if config.train.stop_after:
+      end = min(end, start + config.train.stop_after)
+    for step in range(start, end):
       global_batch = sharding.global_batch(next(batches), mesh)
       state, metrics = step_fn(state, global_batch)
       pending.append((step, metrics))
       done = step + 1
-      is_last = done == config.train.steps
+      is_last = done == end
       if done % config.train.log_every == 0 or is_last or _due(done, config.train.checkpoint_every):
         _flush(pending, writer, bar, last_good_checkpoint)
       if _due(done, config.train.checkpoint_every) or is_last:
@@ -69,7 +72,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         evaluate.evaluate(config, workdir, model, state, test_records, step=done, mesh=mesh)
     bar.close()
     mngr.wait_until_finished()
-    result = evaluate.evaluate(config, workdir, model, state, test_records, step=config.train.steps, mesh=mesh)
+    if end < config.train.steps:
+      _log(f"Stopped after step {end} (config.train.stop_after); run again in {workdir} to resume.")
+    else:
+      result = evaluate.evaluate(config, workdir, model, state, test_records, step=end, mesh=mesh)
   finally:
     bar.close()
     mngr.wait_until_finished()
