@@ -1,0 +1,34 @@
+"""Your own images -> records: the MVTec-AD layout with optional masks.
+
+  <root>/<class>/train/good/*          normal images to train on
+  <root>/<class>/test/good/*           normal test images
+  <root>/<class>/test/<defect>/*       defective test images
+  <root>/<class>/ground_truth/<defect>/<stem>_mask.png   optional; if the folder of a
+                                       defect exists, every image of it needs its mask
+
+`root` may also be a single class folder itself (holding train/ and test/).
+Defective images without masks have mask_path None: their ground truth is all zero, so
+pixel metrics of such a class say nothing.
+"""
+import os
+
+from dinomaly_jax.data import mvtec
+from dinomaly_jax.data.records import Record
+
+
+def _is_class_folder(root: str) -> bool:
+  return os.path.isdir(os.path.join(root, "train")) or os.path.isdir(os.path.join(root, "test"))
+
+
+def list_classes(root: str) -> list[str]:
+  mvtec.check_root(root)
+  if _is_class_folder(root):
+    return [os.path.basename(os.path.normpath(root))]
+  return mvtec.list_classes(root)
+
+
+def class_records(root: str, class_name: str, split: str) -> list[Record]:
+  mvtec.check_root(root)
+  if _is_class_folder(root):
+    root = os.path.dirname(os.path.normpath(root))
+  return mvtec.class_records(root, class_name, split, masks_required=False)

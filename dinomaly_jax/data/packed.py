@@ -1,0 +1,163 @@
+"""Packed datasets: records -> one TFDS array_record dataset, and a reader for it.
+
+Thousands of small image files on cloud storage starve a pod; a few large array_record
+shards do not. Images are stored resized to data.resize (PNG, lossless) and masks resized
+the same way and binarised ({0, 1} PNG), so the pipeline only crops and normalises: its
+output equals reading the folders. No TensorFlow is needed to write or read.
+
+Written by `python -m dinomaly_jax.data.pack` (pack.py); read through
+`make_reader` of pipeline.py when data.packed is set. The record list (paths,
+classes, labels, defect types) is stored in DIR/dinomaly_pack.json.
+"""
+from concurrent import futures
+import io
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from dinomaly_jax.data import transforms
+from dinomaly_jax.data.records import DataError
+from dinomaly_jax.data.records import Record
+
+METADATA_FILE = "dinomaly_pack.json"
+DATASET_NAME = "dinomaly_pack"
+FILE_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+SHARD_SIZE = 1000  # examples per array_record file
+SPLITS = ("train", "test")
+
+
+def _features(resize: int):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds.features.FeaturesDict({
+      "image": tfds.features.Image(shape=(resize, resize, 3), encoding_format="png"),
+      "mask": tfds.features.Image(shape=(resize, resize, 1), encoding_format="png"),
+  })
+
+
+def _png(array: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _encode(args: tuple[Record, int]) -> tuple[bytes, bytes]:
+  """One record -> PNG bytes of its resized image and binary mask."""
+  record, resize = args
+  rgb = transforms.load_image(record.image_path)
+  if record.mask_path is None:
+    mask = np.zeros((resize, resize), np.uint8)
+  else:
+    mask = transforms.resize_mask(record.mask_path, rgb.shape[:2], resize)
+  return _png(transforms.resize_image(rgb, resize)), _png(mask)
+
+
+def write(records: dict[str, list[Record]], out_dir: str, resize: int, workers: int = 0,
+          description: str = "") -> None:
+  """Writes the records of each split as a TFDS array_record dataset in out_dir."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core import example_serializer  # pylint: disable=g-import-not-at-top
+  if os.path.exists(os.path.join(out_dir, METADATA_FILE)):
+    raise DataError(f"{out_dir}: already holds a packed dataset; expected a new folder.")
+  os.makedirs(out_dir, exist_ok=True)
+  features = _features(resize)
+  serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
+  pool = futures.ProcessPoolExecutor(workers) if workers else None
+  split_infos = []
+  try:
+    for split, split_records in records.items():
+      template = tfds.core.ShardedFileTemplate(
+          data_dir=out_dir, template=FILE_TEMPLATE, dataset_name=DATASET_NAME, split=split,
+          filetype_suffix="array_record")
+      n_shards = max(1, -(-len(split_records) // SHARD_SIZE))
+      args = [(r, resize) for r in split_records]
+      encoded = pool.map(_encode, args, chunksize=4) if pool else map(_encode, args)
+      lengths, num_bytes = [], 0
+      for shard in range(n_shards):
+        path = os.fspath(template.sharded_filepath(shard_index=shard, num_shards=n_shards))
+        writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+        count = min(SHARD_SIZE, len(split_records) - shard * SHARD_SIZE)
+        for _ in range(count):
+          image, mask = next(encoded)
+          writer.write(serializer.serialize_example(
+              features.encode_example({"image": image, "mask": mask})))
+        writer.close()
+        lengths.append(count)
+        num_bytes += os.path.getsize(path)
+      split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=lengths,
+                                             num_bytes=num_bytes, filename_template=template))
+  finally:
+    if pool:
+      pool.shutdown()
+  tfds.folder_dataset.write_metadata(
+      data_dir=out_dir, features=features, split_infos=split_infos,
+      filename_template=FILE_TEMPLATE, check_data=False, description=description)
+  metadata = {"resize": resize,
+              "splits": {s: [vars(r) for r in rs] for s, rs in records.items()}}
+  with open(os.path.join(out_dir, METADATA_FILE), "w") as f:
+    json.dump(metadata, f)
+
+
+def _metadata(packed: str) -> dict:
+  path = os.path.join(packed, METADATA_FILE)
+  if not os.path.isfile(path):
+    raise DataError(f"{packed}: not a packed dataset (no {METADATA_FILE}); expected a folder "
+                    "written by `python -m dinomaly_jax.data.pack`.")
+  with open(path) as f:
+    return json.load(f)
+
+
+def list_classes(packed: str) -> list[str]:
+  classes = []
+  for split_records in _metadata(packed)["splits"].values():
+    classes += [r["class_name"] for r in split_records if r["class_name"] not in classes]
+  return classes
+
+
+def read_records(packed: str, split: str, classes: list[str], data_config) -> list[Record]:
+  """The packed records of `split` for `classes`, in class order."""
+  meta = _metadata(packed)
+  if meta["resize"] != data_config.resize:
+    raise DataError(f"{packed}: packed at resize {meta['resize']} but config.data.resize is "
+                    f"{data_config.resize}; expected equal (pack again or change the config).")
+  if split not in meta["splits"]:
+    raise DataError(f"{packed}: has no {split!r} split; expected {SPLITS}.")
+  records = [Record(**r) for r in meta["splits"][split]]
+  return [r for c in classes for r in records if r.class_name == c]
+
+
+class PackedReader:
+  """Reads records from a packed dataset: (resize, resize) uint8 images and masks."""
+
+  def __init__(self, packed: str, records: list[Record], sizes: transforms.Sizes):
+    meta = _metadata(packed)
+    if meta["resize"] != sizes.resize:
+      raise DataError(f"{packed}: packed at resize {meta['resize']} but config.data.resize is "
+                      f"{sizes.resize}; expected equal.")
+    where = {r["image_path"]: (s, i) for s, rs in meta["splits"].items() for i, r in enumerate(rs)}
+    missing = [r.image_path for r in records if r.image_path not in where]
+    if missing:
+      raise DataError(f"{missing[0]}: image not in the packed dataset {packed}; expected "
+                      "records built from it.")
+    self._packed = packed
+    self._where = [where[r.image_path] for r in records]
+    self._sources = {}
+
+  def __getstate__(self):  # data sources are reopened in each worker process
+    return {**self.__dict__, "_sources": {}}
+
+  def _get(self, i: int) -> dict:
+    split, pos = self._where[i]
+    if split not in self._sources:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      self._sources[split] = tfds.builder_from_directory(self._packed).as_data_source(split)
+    return self._sources[split][pos]
+
+  def image(self, i: int) -> np.ndarray:  # (R, R, 3) uint8
+    return self._get(i)["image"]
+
+  def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:  # (R, R, 3), (R, R) uint8
+    ex = self._get(i)
+    return ex["image"], ex["mask"][..., 0]

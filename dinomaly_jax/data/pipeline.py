@@ -1,0 +1,159 @@
+"""grain pipelines: endless shuffled training batches and padded, sharded evaluation batches.
+
+Training: this process's shard of the records (records[process_index::process_count], so
+every process holds every class), a seeded shuffle that changes each epoch, decode,
+resize, centre crop, normalise, batches dropping each epoch's remainder (the reference's
+drop_last), repeated forever. Batches are made before the work is split over worker
+processes, so their content does not depend on the number of workers; `start_step`
+skips that many batches in O(1) to resume exactly.
+
+Evaluation: global batch g holds records [g*B*P, (g+1)*B*P) (B per-process batch, P
+processes); process p gets its slice [p*B, (p+1)*B) of it, padded past the end with
+valid=False, so that every process yields num_eval_batches batches and every record is
+scored once.
+"""
+import weakref
+
+from absl import flags
+import grain
+import numpy as np
+
+from dinomaly_jax.data import packed
+from dinomaly_jax.data import transforms
+from dinomaly_jax.data.records import DataError
+from dinomaly_jax.data.records import Record
+
+THREADS = 2  # batches decoded at once in each process
+PREFETCH = 4  # batches buffered in each process
+
+
+class FolderReader:
+  """Reads records from their image files: (resize, resize) uint8 images and masks."""
+
+  def __init__(self, records: list[Record], sizes: transforms.Sizes):
+    self._paths = [(r.image_path, r.mask_path) for r in records]
+    self._resize = sizes.resize
+
+  def image(self, i: int) -> np.ndarray:  # (R, R, 3) uint8
+    return transforms.resize_image(transforms.load_image(self._paths[i][0]), self._resize)
+
+  def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:  # (R, R, 3), (R, R) uint8
+    image_path, mask_path = self._paths[i]
+    rgb = transforms.load_image(image_path)
+    if mask_path is None:
+      mask = np.zeros((self._resize, self._resize), np.uint8)
+    else:
+      mask = transforms.resize_mask(mask_path, rgb.shape[:2], self._resize)
+    return transforms.resize_image(rgb, self._resize), mask
+
+
+def make_reader(records: list[Record], data_config):
+  """The packed reader when data_config.packed is set, else the folder reader."""
+  sizes = transforms.Sizes.of(data_config)
+  if data_config.packed:
+    return packed.PackedReader(data_config.packed, records, sizes)
+  return FolderReader(records, sizes)
+
+
+class _TrainExample:
+  """Position in the shard -> {"image": float32 (crop, crop, 3)}."""
+
+  def __init__(self, reader, sizes: transforms.Sizes):
+    self._reader, self._crop = reader, sizes.crop
+
+  def __call__(self, i):
+    return {"image": transforms.normalize_crop(self._reader.image(int(i)), self._crop)}
+
+
+class _EvalExample:
+  """Position in the records (or past the end: padding) -> one eval example."""
+
+  def __init__(self, reader, labels: list[int], sizes: transforms.Sizes):
+    self._reader, self._labels, self._sizes = reader, labels, sizes
+
+  def __call__(self, k):
+    s, k = self._sizes, int(k)
+    if k >= len(self._labels):
+      return {"image": np.zeros((s.crop, s.crop, 3), np.float32),
+              "mask": np.zeros((s.mask_size, s.mask_size), np.uint8),
+              "label": np.int32(0), "index": np.int32(-1), "valid": np.bool_(False)}
+    image, mask = self._reader.example(k)
+    return {"image": transforms.normalize_crop(image, s.crop),
+            "mask": transforms.finish_mask(mask, s.crop, s.mask_size),
+            "label": np.int32(self._labels[k]), "index": np.int32(k), "valid": np.bool_(True)}
+
+
+def _yield_from(iterator):
+  yield from iterator
+
+
+def _iterate(ds: grain.MapDataset, workers: int):
+  """Iterates ds in `workers` processes (0 = this one); closes them when dropped or at exit."""
+  iterator = iter(_prefetched(ds, workers))
+  wrapper = _yield_from(iterator)
+  weakref.finalize(wrapper, iterator.close)
+  return wrapper
+
+
+def _prefetched(ds: grain.MapDataset, workers: int) -> grain.IterDataset:
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=THREADS, prefetch_buffer_size=PREFETCH))
+  if workers:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app
+      flags.FLAGS.mark_as_parsed()  # (tests, notebooks) use their defaults
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                     per_worker_buffer_size=2))
+  return it
+
+
+def train_iterator(records: list[Record], data_config, *, batch_size: int, seed: int,
+                   process_index: int = 0, process_count: int = 1, workers: int | None = None,
+                   start_step: int = 0):
+  """Endless iterator of {"image": float32 (batch_size, crop, crop, 3)} for this process.
+
+  Args:
+    records: all training records (every process passes the same list).
+    data_config: config.data (sizes, workers, packed).
+    batch_size: the per-process batch (global batch // process_count).
+    seed: shuffle seed, the same on every process.
+    process_index: this process (jax.process_index()).
+    process_count: number of processes (jax.process_count()).
+    workers: grain worker processes; None = data_config.workers, 0 = in-process threads.
+    start_step: number of batches to skip (resuming from a checkpoint).
+  """
+  shard = records[process_index::process_count]
+  if len(shard) < batch_size:
+    raise DataError(f"Process {process_index} of {process_count} has {len(shard)} training "
+                    f"images, fewer than its batch of {batch_size}; expected at least "
+                    f"{batch_size * process_count} training images or a smaller "
+                    "config.train.batch_size.")
+  sizes = transforms.Sizes.of(data_config)
+  ds = (grain.MapDataset.range(len(shard))
+        .shuffle(seed=seed % 2**32)
+        .map(_TrainExample(make_reader(shard, data_config), sizes))
+        .batch(batch_size, drop_remainder=True)
+        .repeat())[start_step:]
+  workers = data_config.workers if workers is None else workers
+  return _iterate(ds, workers)
+
+
+def num_eval_batches(n_records: int, batch_size: int, process_count: int) -> int:
+  """Batches every process yields to cover n_records with per-process batch_size."""
+  return -(-n_records // (batch_size * process_count))
+
+
+def eval_iterator(records: list[Record], data_config, *, batch_size: int,
+                  process_index: int = 0, process_count: int = 1):
+  """Finite iterator of this process's eval batches (see the module docstring).
+
+  Yields {"image": float32 (B, crop, crop, 3), "mask": uint8 (B, mask_size, mask_size) in
+  {0, 1}, "label": int32 (B,), "index": int32 (B,) position in `records` (-1 for padding),
+  "valid": bool (B,)}.
+  """
+  n_batches = num_eval_batches(len(records), batch_size, process_count)
+  stride = batch_size * process_count
+  positions = [g * stride + process_index * batch_size + j
+               for g in range(n_batches) for j in range(batch_size)]
+  sizes = transforms.Sizes.of(data_config)
+  example = _EvalExample(make_reader(records, data_config), [r.label for r in records], sizes)
+  ds = grain.MapDataset.source(positions).map(example).batch(batch_size)
+  return _iterate(ds, data_config.workers)

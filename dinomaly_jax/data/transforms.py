@@ -1,0 +1,152 @@
+"""Decode, resize, crop and normalise images and masks exactly as the reference does.
+
+Reference (Dinomaly `dataset.get_data_transforms`): images go through torchvision
+`Resize((448, 448))` on a PIL image, `ToTensor`, `CenterCrop(392)` and ImageNet
+`Normalize`; masks through `Resize((448, 448))`, `CenterCrop(392)`, `ToTensor`, then the
+eval loop resizes them with torch `interpolate(mode="nearest")` to 256 and takes > 0.
+
+torchvision's `Resize` on a PIL image calls `PIL.Image.resize(size, BILINEAR)` (PIL's
+bilinear filter is antialiased: its support widens when it downscales). torchvision is
+not installable beside the CPU torch build here, so we call PIL directly, which gives the
+same bytes. PIL resizes "1" and "P" mode masks with NEAREST; we resize masks in their own
+mode like the reference. Non-square images are squashed to resize x resize (no aspect
+ratio kept), as in the reference.
+"""
+import dataclasses
+
+import numpy as np
+from PIL import Image
+
+from dinomaly_jax.data.records import DataError
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  """The sizes of data_config (a small picklable copy for worker processes)."""
+  resize: int
+  crop: int
+  mask_size: int
+
+  @classmethod
+  def of(cls, data_config) -> "Sizes":
+    return cls(int(data_config.resize), int(data_config.crop), int(data_config.mask_size))
+
+
+def open_image(path: str) -> Image.Image:
+  """Opens an image file lazily (header only); DataError if it is not an image."""
+  try:
+    return Image.open(path)
+  except FileNotFoundError:
+    raise DataError(f"{path}: file not found.") from None
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise DataError(f"{path}: cannot be read as an image ({e}).") from None
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+  """PIL image of any mode -> RGB uint8 (H, W, 3).
+
+  16-bit grayscale keeps its 8 most significant bits (PIL itself reads 16-bit RGB PNGs
+  that way); every other mode goes through PIL's `convert("RGB")` like the reference
+  (palette colours looked up, alpha dropped, grayscale replicated).
+  """
+  if img.mode in _SIXTEEN_BIT_MODES:
+    gray = (np.clip(np.asarray(img, np.int64), 0, 65535) >> 8).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1)
+  if img.mode == "F":
+    raise DataError(f"{img.filename}: floating-point images are not supported; "
+                    "expected an 8- or 16-bit image (PNG, JPEG, BMP, TIFF).")
+  return np.asarray(img.convert("RGB"))
+
+
+def load_image(path: str) -> np.ndarray:
+  """Decodes an image file to RGB uint8 (H, W, 3); DataError naming the file on failure."""
+  img = open_image(path)
+  try:
+    with img:
+      return to_rgb(img)
+  except (OSError, ValueError, SyntaxError) as e:
+    raise DataError(f"{path}: image is truncated or corrupt ({e}).") from None
+
+
+def crop_offset(size: int, crop: int) -> int:
+  """torchvision CenterCrop's top/left offset."""
+  return int(round((size - crop) / 2.0))
+
+
+def center_crop(x: np.ndarray, crop: int) -> np.ndarray:
+  top, left = crop_offset(x.shape[0], crop), crop_offset(x.shape[1], crop)
+  return x[top:top + crop, left:left + crop]
+
+
+def resize_image(rgb: np.ndarray, resize: int) -> np.ndarray:
+  """RGB uint8 (H, W, 3) -> (resize, resize, 3) uint8, PIL bilinear."""
+  return np.asarray(Image.fromarray(rgb).resize((resize, resize), Image.BILINEAR))
+
+
+def normalize_crop(resized: np.ndarray, crop: int) -> np.ndarray:
+  """uint8 (R, R, 3) -> float32 (crop, crop, 3): centre crop, /255, ImageNet mean/std."""
+  x = center_crop(resized, crop).astype(np.float32) / np.float32(255)
+  return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def preprocess_image(rgb: np.ndarray, data_config) -> np.ndarray:
+  """RGB uint8 (H, W, 3) -> the model input float32 (crop, crop, 3)."""
+  s = Sizes.of(data_config)
+  return normalize_crop(resize_image(rgb, s.resize), s.crop)
+
+
+def resize_mask(path: str, image_size: tuple[int, int], resize: int) -> np.ndarray:
+  """Mask file -> uint8 (resize, resize) in {0, 1}: resized in its own mode, then > 0.
+
+  Args:
+    path: the mask file (any mode; multi-channel masks count a pixel if any channel > 0).
+    image_size: (height, width) of its image; a mask of another size is a DataError.
+    resize: the resize side.
+  """
+  img = open_image(path)
+  with img:
+    if (img.height, img.width) != tuple(image_size):
+      raise DataError(f"{path}: mask is {img.width}x{img.height} but its image is "
+                      f"{image_size[1]}x{image_size[0]}; expected the same size.")
+    try:
+      resized = np.asarray(img.resize((resize, resize), Image.BILINEAR))
+    except (OSError, ValueError, SyntaxError) as e:
+      raise DataError(f"{path}: mask is truncated or corrupt ({e}).") from None
+  positive = resized > 0
+  if positive.ndim == 3:
+    positive = positive.any(axis=-1)
+  return positive.astype(np.uint8)
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+  """Source rows of torch `interpolate(mode="nearest")`: floor(dst * float32(in/out))."""
+  if in_size == out_size:
+    return np.arange(out_size)
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+  return np.minimum(src, in_size - 1)
+
+
+def finish_mask(mask: np.ndarray, crop: int, mask_size: int) -> np.ndarray:
+  """uint8 (R, R) in {0, 1} -> (mask_size, mask_size) uint8: centre crop, nearest resize."""
+  idx = nearest_indices(crop, mask_size)
+  return center_crop(mask, crop)[idx][:, idx]
+
+
+def preprocess_mask(path: str | None, image_size: tuple[int, int], data_config) -> np.ndarray:
+  """Mask file (or None = normal image) -> ground truth uint8 (mask_size, mask_size) in {0, 1}."""
+  s = Sizes.of(data_config)
+  if path is None:
+    return np.zeros((s.mask_size, s.mask_size), np.uint8)
+  return finish_mask(resize_mask(path, image_size, s.resize), s.crop, s.mask_size)
+
+
+def display_image(path: str, data_config, size: int) -> np.ndarray:
+  """The region the model sees (resize, centre crop) as RGB uint8 (size, size, 3) for pictures."""
+  s = Sizes.of(data_config)
+  crop = center_crop(resize_image(load_image(path), s.resize), s.crop)
+  return np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR))
