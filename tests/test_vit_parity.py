@@ -155,15 +155,17 @@ class _TorchvisionStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 @pytest.fixture(scope="module")
 def timm_module():
   try:
-    import torchvision  # noqa: F401  pylint: disable=unused-import
+    import torchvision  # noqa: F401  (a real one, where installed)
     stub = None
   except ImportError:
     stub = _TorchvisionStub()
     sys.meta_path.insert(0, stub)
-  import timm  # pylint: disable=g-import-not-at-top
+  import timm  # Imported after the stub is in place.
   yield timm
   if stub is not None:
     sys.meta_path.remove(stub)
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+      del sys.modules[name]
 
 
 # --- Position embeddings -------------------------------------------------------
@@ -209,7 +211,7 @@ def test_official_small_parity(official_small, hw):
   images = random_images(2 if hw == (224, 224) else 1, hw)
   err = max_error(official_layers(model, images, PROTOCOL_LAYERS),
                   encoder_outputs(params, meta, images, PROTOCOL_LAYERS))
-  assert err <= FP32_TOL  # measured 6e-6 .. 9e-6 (outputs up to ~13 in magnitude)
+  assert err <= FP32_TOL  # measured 8.1e-6 .. 1.1e-5 (outputs up to ~14 in magnitude)
 
 
 def test_official_chunked_small_parity(tmp_path):
@@ -220,7 +222,7 @@ def test_official_chunked_small_parity(tmp_path):
   images = random_images(1, (224, 308))
   layers = [0, 4, 11]
   err = max_error(official_layers(model, images, layers), encoder_outputs(params, meta, images, layers))
-  assert err <= FP32_TOL  # measured ~1e-5
+  assert err <= FP32_TOL  # measured 1.0e-5
 
 
 def test_official_base_parity(tmp_path):
@@ -231,7 +233,7 @@ def test_official_base_parity(tmp_path):
   images = random_images(1, (224, 224))
   err = max_error(official_layers(model, images, PROTOCOL_LAYERS),
                   encoder_outputs(params, meta, images, PROTOCOL_LAYERS))
-  assert err <= FP32_TOL  # measured ~1e-5
+  assert err <= FP32_TOL  # measured 9.5e-6
 
 
 def test_bfloat16_compute(official_small):
@@ -240,9 +242,9 @@ def test_bfloat16_compute(official_small):
   reference = official_layers(model, images, PROTOCOL_LAYERS)
   outputs = encoder_outputs(params, meta, images, PROTOCOL_LAYERS, dtype=jnp.bfloat16)
   scale = max(float(np.abs(r).max()) for r in reference)
-  # bfloat16 keeps 8 mantissa bits; relative to the largest activation the error
-  # measured 0.02; tolerance 0.05.
-  assert max_error(reference, outputs) <= 0.05 * scale
+  # bfloat16 keeps 8 mantissa bits: measured 0.18 max abs error at max |activation| 14,
+  # i.e. 1.3% of the largest activation; tolerance 3%.
+  assert max_error(reference, outputs) <= 0.03 * scale
 
 
 def test_official_swiglu_parity(tmp_path):
@@ -254,7 +256,7 @@ def test_official_swiglu_parity(tmp_path):
   assert (meta["ffn"], meta["vit"]) == ("swiglu", "custom")
   images = random_images(1, (56, 70))
   err = max_error(official_layers(model, images, [0, 1]), encoder_outputs(params, meta, images, [0, 1]))
-  assert err <= FP32_TOL  # measured ~2e-6
+  assert err <= FP32_TOL  # measured 3.9e-6
 
 
 # --- Hugging Face transformers (registers) ---------------------------------------
@@ -279,7 +281,7 @@ def test_hf_registers_small_parity(hf_small_reg4, hw):
   images = random_images(1, hw)
   err = max_error(hf_layers(model, images, PROTOCOL_LAYERS),
                   encoder_outputs(params, meta, images, PROTOCOL_LAYERS))
-  assert err <= FP32_TOL  # measured ~1e-5
+  assert err <= FP32_TOL  # measured 8.6e-6 .. 1.05e-5
 
 
 def test_hf_swiglu_parity(tmp_path):
@@ -291,7 +293,7 @@ def test_hf_swiglu_parity(tmp_path):
   assert (meta["ffn"], meta["registers"]) == ("swiglu", 0)
   images = random_images(2, (42, 56))
   err = max_error(hf_layers(model, images, [0, 1]), encoder_outputs(params, meta, images, [0, 1]))
-  assert err <= FP32_TOL  # measured ~2e-6
+  assert err <= FP32_TOL  # measured 3.9e-6
 
 
 # --- timm -------------------------------------------------------------------------
@@ -306,7 +308,7 @@ def test_timm_registers_small_parity(timm_module, tmp_path):
   images = random_images(1, (224, 224))
   err = max_error(timm_layers(model, images, PROTOCOL_LAYERS),
                   encoder_outputs(params, meta, images, PROTOCOL_LAYERS))
-  assert err <= FP32_TOL  # measured ~1e-5
+  assert err <= FP32_TOL  # measured 8.6e-6
 
 
 def test_timm_packed_swiglu_parity(timm_module, tmp_path):
@@ -318,4 +320,4 @@ def test_timm_packed_swiglu_parity(timm_module, tmp_path):
   assert meta["ffn"] == "swiglu"
   images = random_images(1, (56, 56))
   err = max_error(timm_layers(model, images, [0, 1]), encoder_outputs(params, meta, images, [0, 1]))
-  assert err <= FP32_TOL  # measured ~2e-6
+  assert err <= FP32_TOL  # measured 3.9e-6

@@ -63,12 +63,18 @@ _HF_FUSED = (
 )
 
 
-def detect_format(keys) -> str:
-  """'hf', 'timm' or 'official' (timm without registers equals official)."""
-  keys = list(keys)
-  if any(k.startswith(("embeddings.", "encoder.layer.")) for k in keys):
+def _is_packed_swiglu(state: Mapping[str, np.ndarray], fc1_weight_key: str) -> bool:
+  """timm's SwiGLUPacked: `mlp.fc1` emits twice the width that `mlp.fc2` takes."""
+  fc2 = state.get(fc1_weight_key.replace(".fc1.", ".fc2."))
+  return fc2 is not None and state[fc1_weight_key].shape[0] == 2 * fc2.shape[1]
+
+
+def detect_format(state: Mapping[str, np.ndarray]) -> str:
+  """'hf', 'timm' or 'official' (timm ViT-S/B/L without registers equal official)."""
+  if any(k.startswith(("embeddings.", "encoder.layer.")) for k in state):
     return "hf"
-  if "reg_token" in keys:
+  if "reg_token" in state or any(k.endswith(".mlp.fc1.weight") and _is_packed_swiglu(state, k)
+                                 for k in state):
     return "timm"
   return "official"
 
@@ -93,7 +99,7 @@ def _hf_to_official(state: dict[str, np.ndarray]):
     count = 3 if ".attn.qkv." in target else 2
     found = [parts[i] for i in sorted(parts)]
     if len(parts) < count:
-      missing.append(f"{target}: only {[n for n, _ in found]} of its {count} parts are present")
+      missing.append(f"incomplete {target}: it fuses {count} tensors, found only {[n for n, _ in found]}")
       continue
     renamed[target] = np.concatenate([v for _, v in found], axis=0)
     names[target] = " + ".join(n for n, _ in found)
@@ -111,9 +117,8 @@ def _timm_or_official_to_official(state: dict[str, np.ndarray]):
   if pos is not None and pos.ndim == 3 and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
     # timm `no_embed_class`: the cls position embedding is already in cls_token.
     renamed["pos_embed"] = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
-  for key in [k for k in renamed if re.search(r"\.mlp\.fc1\.weight$", k)]:
-    fc2 = renamed.get(key.replace("fc1", "fc2"))
-    if fc2 is not None and renamed[key].shape[0] == 2 * fc2.shape[1]:  # timm SwiGLUPacked
+  for key in [k for k in renamed if k.endswith(".mlp.fc1.weight")]:
+    if _is_packed_swiglu(renamed, key):
       for suffix in ("weight", "bias"):
         for old, new in (("fc1", "w12"), ("fc2", "w3")):
           source = key.replace("fc1.weight", f"{old}.{suffix}")
