@@ -110,10 +110,8 @@ def _metadata(packed: str) -> dict:
 
 
 def list_classes(packed: str) -> list[str]:
-  classes = []
-  for split_records in _metadata(packed)["splits"].values():
-    classes += [r["class_name"] for r in split_records if r["class_name"] not in classes]
-  return classes
+  splits = _metadata(packed)["splits"].values()
+  return list(dict.fromkeys(r["class_name"] for records in splits for r in records))
 
 
 def read_records(packed: str, split: str, classes: list[str], data_config) -> list[Record]:
