@@ -54,3 +54,25 @@ def test_bad_input_raises_clear_errors(tmp_path):
     report.write_report(str(tmp_path), {}, dataset="mvtec")
   with pytest.raises(ValueError, match="lacks metrics"):
     report.write_report(str(tmp_path), {"bottle": {"I-AUROC": 1.0}}, dataset="mvtec")
+
+
+def test_pictures_are_written(tmp_path):
+  from matplotlib import image as mpl_image  # pylint: disable=g-import-not-at-top
+  from dinomaly_jax import pictures  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+  maps = rng.random((2, 32, 32), dtype=np.float32)
+  masks = (maps > 0.8).astype(np.uint8)
+  paths = pictures.save_strips(str(tmp_path), "bottle", images, masks, maps, 0.5,
+                               ["test/broken/000.png", "test/good/001.png"])
+  assert [p.split("/")[-1] for p in paths] == ["00_test_broken_000.png", "01_test_good_001.png"]
+  assert mpl_image.imread(paths[0]).shape[:2] == (340, 1200)
+  scores, labels = rng.random(20), np.arange(20) % 3 == 0
+  assert mpl_image.imread(pictures.save_score_plots(str(tmp_path), "bottle", scores, labels)).ndim == 3
+  pictures.save_score_plots(str(tmp_path), "all_normal", scores, np.zeros(20))  # no curves, no error
+  heatmap = str(tmp_path / "pred" / "x_heatmap.png")
+  pictures.save_heatmap(heatmap, images[0, :, :20], maps[0, :, :20], 0.5)
+  assert mpl_image.imread(heatmap).shape[:2] == (32, 40)
+  # Overlay: half image, half jet colour of the map on the 0..2*threshold scale.
+  painted = pictures.overlay(np.zeros((1, 1, 3), np.uint8), np.array([[1.0]]), 0.0, 2.0)
+  np.testing.assert_array_equal(painted[0, 0], np.round(127.5 * np.array(pictures._CMAP(0.5)[:3])))

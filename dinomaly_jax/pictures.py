@@ -1,0 +1,123 @@
+"""Pictures of an evaluation: strips per test image, score plots per class, prediction heatmaps.
+
+Matplotlib without pyplot (Figure + Agg canvas): no global state, no display needed.
+Heatmaps share one colour scale: 0 .. 2 x threshold (the class's F1-optimal image
+threshold, on the map's scale since the image score is a mean of map pixels), so the
+threshold sits mid-colormap, normal regions stay blue and anomalies turn red. The
+thresholded mask is map >= threshold. Without a finite threshold: min..max of the maps.
+"""
+import os
+import re
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib import image as mpl_image
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from scipy import ndimage
+from sklearn import metrics as skm
+
+_CMAP = colormaps["jet"]
+
+
+def _color_range(maps: np.ndarray, threshold: float) -> tuple[float, float]:
+  if np.isfinite(threshold) and threshold > 0:
+    return 0.0, 2.0 * float(threshold)
+  lo, hi = float(np.min(maps)), float(np.max(maps))
+  return lo, max(hi, lo + 1e-12)
+
+
+def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+  """(H, W, 3) uint8 image, (H, W) map -> (H, W, 3) uint8: half image, half jet heatmap."""
+  heat = _CMAP(np.clip((amap - vmin) / (vmax - vmin), 0, 1))[..., :3]
+  return np.round(0.5 * image.astype(np.float64) + 127.5 * heat).astype(np.uint8)
+
+
+def _safe(name: str) -> str:
+  return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "image"
+
+
+def _save(fig: Figure, path: str) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  FigureCanvasAgg(fig)
+  fig.savefig(path, dpi=100)
+
+
+def save_strips(out_dir: str, class_name: str, images_uint8, masks, maps, threshold: float,
+                names) -> list[str]:
+  """One PNG per image: image | ground truth | heatmap overlay | thresholded map. Returns paths."""
+  images_uint8, masks, maps = np.asarray(images_uint8), np.asarray(masks), np.asarray(maps)
+  if not len(images_uint8) == len(masks) == len(maps) == len(names):
+    raise ValueError(f"save_strips: {len(images_uint8)} images, {len(masks)} masks, {len(maps)} maps "
+                     f"and {len(names)} names; expected one of each per picture.")
+  vmin, vmax = _color_range(maps, threshold)
+  paths = []
+  for i, (image, mask, amap, name) in enumerate(zip(images_uint8, masks, maps, names)):
+    if image.shape[:2] != amap.shape:
+      raise ValueError(f"save_strips: image {name!r} is {image.shape[:2]} but its map is {amap.shape}.")
+    fig = Figure(figsize=(12, 3.4))
+    panels = [(image, "image"), (mask > 0, "ground truth"), (overlay(image, amap, vmin, vmax),
+              f"map (max {amap.max():.3f})"), (amap >= threshold, f"map >= {threshold:.3f}")]
+    for j, (picture, title) in enumerate(panels):
+      ax = fig.add_subplot(1, 4, j + 1)
+      if picture.ndim == 2:
+        ax.imshow(picture, cmap="gray", vmin=0, vmax=1)
+      else:
+        ax.imshow(picture)
+      ax.set_title(title, fontsize=9)
+      ax.axis("off")
+    fig.suptitle(f"{class_name}: {name}", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(out_dir, class_name, f"{i:02d}_{_safe(os.path.splitext(name)[0])}.png")
+    _save(fig, path)
+    paths.append(path)
+  return paths
+
+
+def save_score_plots(out_dir: str, class_name: str, scores, labels) -> str:
+  """One PNG per class: histogram of normal vs anomalous image scores, ROC and PR curves."""
+  scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0
+  fig = Figure(figsize=(13, 3.8))
+  ax = fig.add_subplot(1, 3, 1)
+  bins = np.histogram_bin_edges(scores, bins=30)
+  ax.hist(scores[~labels], bins=bins, alpha=0.6, label=f"normal ({(~labels).sum()})", color="tab:blue")
+  ax.hist(scores[labels], bins=bins, alpha=0.6, label=f"anomalous ({labels.sum()})", color="tab:red")
+  ax.set_xlabel("image score")
+  ax.legend(fontsize=8)
+  ax.set_title("score histogram", fontsize=9)
+  if labels.any() and not labels.all():
+    fpr, tpr, _ = skm.roc_curve(labels, scores)
+    precision, recall, _ = skm.precision_recall_curve(labels, scores)
+    curves = [(fpr, tpr, "false positive rate", "true positive rate",
+               f"ROC (AUROC {skm.roc_auc_score(labels, scores):.4f})"),
+              (recall, precision, "recall", "precision",
+               f"PR (AP {skm.average_precision_score(labels, scores):.4f})")]
+    for j, (x, y, xlabel, ylabel, title) in enumerate(curves):
+      ax = fig.add_subplot(1, 3, j + 2)
+      ax.plot(x, y, drawstyle="steps-post" if j else "default")
+      ax.set_xlabel(xlabel)
+      ax.set_ylabel(ylabel)
+      ax.set_xlim(0, 1)
+      ax.set_ylim(0, 1.02)
+      ax.set_title(title, fontsize=9)
+  fig.suptitle(class_name, fontsize=10)
+  fig.tight_layout()
+  path = os.path.join(out_dir, class_name, "scores.png")
+  _save(fig, path)
+  return path
+
+
+def save_heatmap(path: str, original_uint8, full_map, threshold: float) -> None:
+  """One PNG at the original resolution: image | overlay with the map >= threshold outlined."""
+  image, amap = np.asarray(original_uint8), np.asarray(full_map, np.float32)
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  if image.shape[:2] != amap.shape:
+    raise ValueError(f"save_heatmap: image {image.shape[:2]} and map {amap.shape} differ in size.")
+  vmin, vmax = _color_range(amap, threshold)
+  painted = overlay(image[..., :3], amap, vmin, vmax)
+  if np.isfinite(threshold):
+    region = amap >= threshold
+    painted[region & ~ndimage.binary_erosion(region, iterations=2)] = 255  # white outline
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  mpl_image.imsave(path, np.concatenate([image[..., :3], painted], axis=1))
