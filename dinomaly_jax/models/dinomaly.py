@@ -1,0 +1,130 @@
+"""Dinomaly: frozen DINOv2 encoder -> noisy bottleneck -> decoder -> loose groups.
+
+Parameter tree: {"encoder": ..., "bottleneck": ..., "decoder": ...}.
+Data flow (reference `ViTill`):
+  the encoder's target-layer outputs (B, N, D), N = 1 + R + h*w, carry no gradient;
+  their mean over layers is the bottleneck input (prefix tokens included);
+  the decoder's block outputs are reversed; both lists are grouped by `fuse_groups`
+  (each group a plain mean) and become (B, h, w, D) maps without the prefix tokens.
+With the conv decoder (`conv_decoder_kernel > 0`) prefix tokens are dropped before
+the bottleneck, as the reference does for it (`remove_class_token=True`).
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dinomaly_jax.models import decoder as decoder_lib
+from dinomaly_jax.models import vit
+
+
+def _group_maps(tokens: Sequence[jax.Array], groups, grid_hw) -> list[jax.Array]:
+  """tokens: list of (B, N, D) -> one (B, h, w, D) float32 mean per group (patches only)."""
+  h, w = grid_hw
+  maps = []
+  for group in groups:
+    mean = jnp.mean(jnp.stack([tokens[i] for i in group]), axis=0).astype(jnp.float32)
+    maps.append(mean[:, mean.shape[1] - h * w:].reshape(mean.shape[0], h, w, mean.shape[-1]))
+  return maps
+
+
+class Dinomaly(nn.Module):
+  encoder: nn.Module  # a DinoV2Encoder
+  target_layers: Sequence[int]
+  fuse_groups: Sequence[Sequence[int]]
+  bottleneck_ratio: int = 4
+  bottleneck_dropout: float = 0.2
+  decoder_depth: int = 8
+  decoder_attention: str = "linear"
+  linear_attention_eps: float = 0.0
+  mask_neighbor_size: int = 0
+  conv_decoder_kernel: int = 0
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    validate_structure(self.target_layers, self.fuse_groups, self.decoder_depth,
+                       self.decoder_attention, self.mask_neighbor_size, self.conv_decoder_kernel)
+    self.bottleneck = decoder_lib.NoisyBottleneck(self.bottleneck_ratio, self.bottleneck_dropout,
+                                                  self.dtype)
+    self.decoder = decoder_lib.Decoder(
+        depth=self.decoder_depth, num_heads=self.encoder.num_heads,
+        attention=self.decoder_attention, linear_eps=self.linear_attention_eps,
+        mask_neighbor_size=self.mask_neighbor_size, conv_kernel=self.conv_decoder_kernel,
+        dtype=self.dtype)
+
+  def grid_hw(self, images) -> tuple[int, int]:
+    return images.shape[1] // self.encoder.patch_size, images.shape[2] // self.encoder.patch_size
+
+  def encode(self, images):
+    """(B, H, W, 3) -> (bottleneck_input (B, N, D), enc_groups: list of (B, h, w, D))."""
+    grid_hw = self.grid_hw(images)
+    features = [jax.lax.stop_gradient(f) for f in self.encoder(images, list(self.target_layers))]
+    if self.conv_decoder_kernel > 0:
+      features = [f[:, f.shape[1] - grid_hw[0] * grid_hw[1]:] for f in features]
+    bottleneck_input = jnp.mean(jnp.stack(features), axis=0)  # (B, N, D)
+    return bottleneck_input, _group_maps(features, self.fuse_groups, grid_hw)
+
+  def decode(self, bottleneck_input, grid_hw, *, train: bool):
+    """(B, N, D) bottleneck input -> dec_groups: list of (B, h, w, D) float32."""
+    x = self.bottleneck(bottleneck_input, train=train)
+    outputs = self.decoder(x, tuple(grid_hw))[::-1]  # last block first
+    return _group_maps(outputs, self.fuse_groups, grid_hw)
+
+  def __call__(self, images, *, train: bool):
+    """(B, H, W, 3) -> (enc_groups, dec_groups), lists of (B, h, w, D) float32."""
+    bottleneck_input, enc_groups = self.encode(images)
+    return enc_groups, self.decode(bottleneck_input, self.grid_hw(images), train=train)
+
+
+def validate_structure(target_layers, fuse_groups, decoder_depth, decoder_attention,
+                       mask_neighbor_size, conv_decoder_kernel):
+  """Raises one ValueError naming the config field that cannot work."""
+  if not target_layers:
+    raise ValueError("model.target_layers is empty; expected encoder block indices.")
+  if decoder_depth < 1:
+    raise ValueError(f"model.decoder_depth={decoder_depth}; expected >= 1.")
+  limit = min(len(target_layers), decoder_depth)
+  if not fuse_groups or any(not g for g in fuse_groups) or any(
+      not 0 <= i < limit for g in fuse_groups for i in g):
+    raise ValueError(f"model.fuse_groups={[list(g) for g in fuse_groups]}: expected non-empty "
+                     f"groups of indices in [0, {limit}) (len(target_layers)="
+                     f"{len(target_layers)}, decoder_depth={decoder_depth}).")
+  if decoder_attention not in decoder_lib.ATTENTION_KINDS:
+    raise ValueError(f"model.decoder_attention={decoder_attention!r}; expected one of "
+                     f"{decoder_lib.ATTENTION_KINDS}.")
+  if mask_neighbor_size < 0 or (mask_neighbor_size > 0 and decoder_attention == "linear"):
+    raise ValueError(f"model.mask_neighbor_size={mask_neighbor_size} with decoder_attention="
+                     f"{decoder_attention!r}: a neighbour mask needs 'softmax' or 'qk_v_linear' "
+                     "(linear attention never forms the N x N weights), and a size >= 0.")
+  if conv_decoder_kernel and (conv_decoder_kernel < 0 or conv_decoder_kernel % 2 == 0):
+    raise ValueError(f"model.conv_decoder_kernel={conv_decoder_kernel}; expected 0 (transformer "
+                     "decoder) or an odd kernel size such as 3, 5, 7.")
+  if conv_decoder_kernel and mask_neighbor_size:
+    raise ValueError("model.mask_neighbor_size applies to attention decoders only; set it to 0 "
+                     "with model.conv_decoder_kernel > 0.")
+
+
+def build_model(model_config) -> Dinomaly:
+  """Dinomaly from `config.model` (see config_base.py)."""
+  dtype = jnp.dtype(model_config.dtype)
+  encoder = vit.build_encoder(model_config.vit, model_config.registers, dtype,
+                              model_config.attention_impl)
+  if max(model_config.target_layers) >= encoder.depth or min(model_config.target_layers) < 0:
+    raise ValueError(f"model.target_layers={list(model_config.target_layers)}: indices must lie in "
+                     f"[0, {encoder.depth}) for vit={model_config.vit!r}.")
+  validate_structure(model_config.target_layers, model_config.fuse_groups,
+                     model_config.decoder_depth, model_config.decoder_attention,
+                     model_config.mask_neighbor_size, model_config.conv_decoder_kernel)
+  return Dinomaly(
+      encoder=encoder,
+      target_layers=tuple(model_config.target_layers),
+      fuse_groups=tuple(tuple(g) for g in model_config.fuse_groups),
+      bottleneck_ratio=model_config.bottleneck_ratio,
+      bottleneck_dropout=model_config.bottleneck_dropout,
+      decoder_depth=model_config.decoder_depth,
+      decoder_attention=model_config.decoder_attention,
+      linear_attention_eps=model_config.linear_attention_eps,
+      mask_neighbor_size=model_config.mask_neighbor_size,
+      conv_decoder_kernel=model_config.conv_decoder_kernel,
+      dtype=dtype)

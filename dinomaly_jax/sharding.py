@@ -1,0 +1,87 @@
+"""Data-parallel mesh, shardings, host-local -> global arrays, multi-host start-up.
+
+One mesh axis, "data", over every device of every process: the batch is split on
+it, parameters and optimizer state are replicated. The same code runs on one CPU,
+several GPUs or a TPU pod slice.
+"""
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+def maybe_initialize_distributed() -> bool:
+  """Calls jax.distributed.initialize() when the environment describes several processes.
+
+  Recognised: JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID (explicit),
+  SLURM (SLURM_NTASKS > 1), OpenMPI (OMPI_COMM_WORLD_SIZE > 1) and multi-host Cloud
+  TPU (TPU_WORKER_HOSTNAMES with several hosts). Must run before any other JAX call.
+  Returns whether it initialised.
+  """
+  env = os.environ
+  if "JAX_COORDINATOR_ADDRESS" in env:
+    missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in env]
+    if missing:
+      raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {', '.join(missing)} is not; set all "
+                       "three to start a multi-process run.")
+    jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(env["JAX_NUM_PROCESSES"]),
+                               process_id=int(env["JAX_PROCESS_ID"]))
+    return True
+  several = (int(env.get("SLURM_NTASKS", "1")) > 1
+             or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+             or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
+  if several:
+    jax.distributed.initialize()  # the cluster is detected from the environment
+  return several
+
+
+def make_mesh(devices: Optional[Sequence[Any]] = None) -> Mesh:
+  """A 1-D mesh with axis "data" over `devices` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (DATA_AXIS,),
+              axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over "data"."""
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local_batch, mesh: Mesh):
+  """Pytree (dict) of this process's numpy arrays -> global jax.Arrays split on "data".
+
+  Every process passes its own rows; the global batch is their concatenation in
+  process order. The local batch must split evenly over the local devices.
+  """
+  local_devices = len([d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+  sharding = data_sharding(mesh)
+
+  def to_global(x):
+    x = np.asarray(x)
+    if x.ndim == 0 or x.shape[0] % local_devices:
+      raise ValueError(f"batch array of shape {x.shape}: the per-process batch (leading axis) "
+                       f"must be a multiple of the {local_devices} local devices; adjust "
+                       "train.batch_size.")
+    return jax.make_array_from_process_local_data(sharding, x)
+
+  return jax.tree.map(to_global, local_batch)
+
+
+def replicate(tree, mesh: Mesh):
+  """Pytree of arrays, equal on every process -> global arrays replicated on `mesh`."""
+  sharding = replicated(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(put, tree)
