@@ -23,12 +23,15 @@ def cache_dir() -> str:
   return os.environ.get("DINOMALY_JAX_CACHE", os.path.expanduser("~/.cache/dinomaly_jax"))
 
 
-def load_encoder_params(config: ml_collections.ConfigDict, encoder, image_hw):
-  """Returns the encoder's parameter tree for `config` (random when config.random_encoder)."""
+def load_pretrained(config: ml_collections.ConfigDict, encoder, image_hw) -> dict:
+  """The pretrained tree for `config`: {"encoder": ...} and, for a converted trained
+  Dinomaly (ViTill) checkpoint, also "bottleneck" and "decoder". Random when
+  config.random_encoder."""
   if config.random_encoder:
     images = jnp.zeros((1, *image_hw, 3), jnp.float32)
-    return jax.jit(lambda r: encoder.init(r, images, [0])["params"])(
+    params = jax.jit(lambda r: encoder.init(r, images, [0])["params"])(
         jax.random.fold_in(jax.random.key(config.seed), 17))
+    return {"encoder": params}
   path = config.encoder_weights
   if not path:
     raise EncoderWeightsError(HOW_TO_GET_WEIGHTS)
@@ -37,7 +40,10 @@ def load_encoder_params(config: ml_collections.ConfigDict, encoder, image_hw):
   from dinomaly_jax import weights  # pylint: disable=g-import-not-at-top
   if os.path.isfile(path):
     path = _convert_cached(path)
-  params, meta = weights.load_encoder(path)
+  try:
+    tree, meta = weights.load_params(path)
+  except FileNotFoundError as e:
+    raise EncoderWeightsError(f"config.encoder_weights: {e}") from None
   expected = (config.model.vit, config.model.registers)
   found = (meta.get("vit"), meta.get("registers"))
   if found != expected:
@@ -45,16 +51,18 @@ def load_encoder_params(config: ml_collections.ConfigDict, encoder, image_hw):
         f"config.encoder_weights: {config.encoder_weights} holds ViT-{found[0]} with "
         f"{found[1]} registers, but the config asks for ViT-{expected[0]} with {expected[1]} "
         f"registers (config.model.vit, config.model.registers).")
-  return params
+  return tree
 
 
 def _convert_cached(checkpoint: str) -> str:
   """Converts a PyTorch checkpoint once; later runs reuse the converted directory."""
+  from dinomaly_jax import weights  # pylint: disable=g-import-not-at-top
   from weight_conversion import convert  # pylint: disable=g-import-not-at-top
   stat = os.stat(checkpoint)
   key = hashlib.sha1(f"{os.path.abspath(checkpoint)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
   out = os.path.join(cache_dir(), f"{os.path.basename(checkpoint)}-{key}")
-  if not os.path.exists(out):
-    print(f"Converting {checkpoint} -> {out} (once; cached for later runs)")
-    convert.convert_file(checkpoint, out)
+  if not os.path.exists(os.path.join(out, weights.META_FILE)):
+    print(f"Converting {checkpoint} -> {out} (once; cached for later runs)", flush=True)
+    tree, meta = convert.convert_file(checkpoint)
+    weights.save_params(out, tree, meta)
   return out

@@ -10,10 +10,10 @@ from tqdm import tqdm
 
 from dinomaly_jax import anomaly_map
 from dinomaly_jax import metrics
+from dinomaly_jax import model_state
 from dinomaly_jax import pictures
 from dinomaly_jax import report
 from dinomaly_jax import sharding
-from dinomaly_jax import train_step
 from dinomaly_jax.data import pipeline
 from dinomaly_jax.data import transforms
 
@@ -67,7 +67,7 @@ def predict_records(config, map_fn, variables, records, mesh, desc="eval"):
 def evaluate(config, workdir, model, state, records, *, step, mesh) -> dict:
   """Scores every test record, writes the report, thresholds and pictures (process 0)."""
   map_fn = make_map_fn(model, config)
-  variables = train_step.model_variables(state)
+  variables = model_state.variables(state)
   by_class = {}
   for r_i, r in enumerate(records):
     by_class.setdefault(r.class_name, []).append(r_i)
@@ -116,7 +116,6 @@ def _save_pictures(config, out_dir, name, records, maps, masks, scores, labels, 
 
 def evaluate_workdir(config, workdir, step: int | None = None) -> dict:
   """Eval mode: restores the latest checkpoint of `workdir` and evaluates it."""
-  from dinomaly_jax import model_state  # pylint: disable=g-import-not-at-top
   from dinomaly_jax.data import index as data_index  # pylint: disable=g-import-not-at-top
   records = data_index.build_records(config.data, "test")
   mesh = sharding.make_mesh()

@@ -16,7 +16,6 @@ import numpy as np
 from dinomaly_jax import evaluate
 from dinomaly_jax import model_state
 from dinomaly_jax import sharding
-from dinomaly_jax import train_step
 from dinomaly_jax.data import transforms
 
 EXPORT_DIR = "export"
@@ -27,7 +26,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, platforms=None) -> s
   mesh = sharding.make_mesh()
   model, state = model_state.load_trained(config, workdir, mesh)
   map_fn = evaluate.make_map_fn(model, config)
-  variables = jax.device_get(train_step.model_variables(state))
+  variables = jax.device_get(model_state.variables(state))
   leaves, treedef = jax.tree.flatten(variables)
 
   def inference(param_leaves, images):

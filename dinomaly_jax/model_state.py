@@ -1,4 +1,6 @@
 """Builds the model and its state for a config, fresh or restored from a work directory."""
+import os
+
 import jax
 import ml_collections
 
@@ -10,23 +12,45 @@ from dinomaly_jax.models import dinomaly
 
 
 def build(config: ml_collections.ConfigDict):
-  """The model and its initial train state (encoder loaded, the rest initialised)."""
+  """(model, initial train state, whether the weights held a trained bottleneck + decoder).
+
+  The encoder is loaded; bottleneck and decoder are initialised, or taken from a
+  converted trained reference (ViTill) checkpoint in config.encoder_weights.
+  """
   model = dinomaly.build_model(config.model)
   image_hw = (config.data.crop, config.data.crop)
-  enc_params = encoder_weights.load_encoder_params(config, model.encoder, image_hw)
+  pretrained = encoder_weights.load_pretrained(config, model.encoder, image_hw)
   state = train_step.create_train_state(
-      model, config, jax.random.key(config.seed), enc_params, (*image_hw, 3))
-  return model, state
+      model, config, jax.random.key(config.seed), pretrained["encoder"], (*image_hw, 3))
+  if "decoder" in pretrained:  # a converted, trained reference (ViTill) checkpoint
+    state = state.replace(params={k: pretrained[k] for k in ("bottleneck", "decoder")})
+  return model, state, "decoder" in pretrained
+
+
+def variables(state) -> dict:
+  """The Dinomaly module's variables: frozen encoder + trained bottleneck and decoder."""
+  return {"params": {"encoder": state.encoder_params, **state.params}}
 
 
 def load_trained(config: ml_collections.ConfigDict, workdir: str, mesh, step: int | None = None):
-  """The model and the state of the latest (or given) checkpoint in `workdir`."""
+  """The model and the state of the latest (or given) checkpoint in `workdir`.
+
+  Without a checkpoint, a converted trained reference (ViTill) checkpoint named by
+  config.encoder_weights is used as it is.
+  """
   checkpoint.check_compatible(workdir, config)
-  model, state = build(config)
+  model, state, trained = build(config)
   state = jax.device_put(state, sharding.replicated(mesh))
+  if not os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):
+    if trained:
+      return model, state
+    raise FileNotFoundError(
+        f"No checkpoint in {workdir}: train there first (--mode=train), or set "
+        "config.encoder_weights to a converted trained Dinomaly (ViTill) checkpoint.")
   mngr = checkpoint.manager(workdir, config, read_only=True)
   try:
     state = checkpoint.restore(mngr, state, step)
   finally:
     mngr.close()
   return model, state
+

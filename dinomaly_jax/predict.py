@@ -14,7 +14,6 @@ from dinomaly_jax import evaluate
 from dinomaly_jax import model_state
 from dinomaly_jax import pictures
 from dinomaly_jax import sharding
-from dinomaly_jax import train_step
 from dinomaly_jax.data import transforms
 from dinomaly_jax.data.records import DataError
 
@@ -63,7 +62,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   mesh = sharding.make_mesh()
   model, state = model_state.load_trained(config, workdir, mesh)
   map_fn = evaluate.make_map_fn(model, config)
-  variables = train_step.model_variables(state)
+  variables = model_state.variables(state)
   rows = []
   bs = config.eval.batch_size
   for start in tqdm(range(0, len(paths), bs), desc="predict", disable=jax.process_index() != 0):

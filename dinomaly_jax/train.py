@@ -29,7 +29,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   records = data_index.build_records(config.data, "train")
   test_records = data_index.build_records(config.data, "test")  # fail early on bad test data
   mesh = sharding.make_mesh()
-  model, state = model_state.build(config)
+  model, state, _ = model_state.build(config)
   state = jax.device_put(state, sharding.replicated(mesh))
   mngr = checkpoint.manager(workdir, config)
   start = mngr.latest_step() or 0
