@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.workers = 2  # grain worker processes (0 = in-process)
   d.packed = ""  # a TFDS array_record directory from `python -m dinomaly_jax.data.pack`
   d.cache_features = False  # deviation switch: train on cached encoder features
+  d.cache_dtype = "bfloat16"  # cached features: bfloat16 (half memory) | float32 (exact)
 
   # --- Training ----------------------------------------------------------------
   c.train = t = ml_collections.ConfigDict()
