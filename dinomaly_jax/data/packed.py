@@ -12,6 +12,7 @@ classes, labels, defect types) is stored in DIR/dinomaly_pack.json.
 from concurrent import futures
 import io
 import json
+import multiprocessing
 import os
 
 import numpy as np
@@ -64,7 +65,8 @@ def write(records: dict[str, list[Record]], out_dir: str, resize: int, workers: 
   os.makedirs(out_dir, exist_ok=True)
   features = _features(resize)
   serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
-  pool = futures.ProcessPoolExecutor(workers) if workers else None
+  pool = (futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+          if workers else None)
   split_infos = []
   try:
     for split, split_records in records.items():
