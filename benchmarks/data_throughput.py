@@ -57,7 +57,8 @@ def main():
         rate = images_per_second(records, c, workers, args.batch_size, args.batches)
         results.append({"source": source, "workers": workers, "images_per_s": round(rate, 1),
                         "image_size": args.image_size, "resize": c.resize, "crop": c.crop,
-                        "batch_size": args.batch_size, "threads_per_process": pipeline.THREADS})
+                        "batch_size": args.batch_size, "threads_per_process": pipeline.WORKER_THREADS if workers
+                        else pipeline.IN_PROCESS_THREADS})
         print(json.dumps(results[-1]), flush=True)
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)

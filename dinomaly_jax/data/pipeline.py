@@ -7,11 +7,14 @@ drop_last), repeated forever. Batches are made before the work is split over wor
 processes, so their content does not depend on the number of workers; `start_step`
 skips that many batches in O(1) to resume exactly.
 
-Evaluation: global batch g holds records [g*B*P, (g+1)*B*P) (B per-process batch, P
+Evaluation runs in this process with threads (PIL decodes and resizes without holding the
+GIL): worker processes would start once per class, which costs more than a class's test
+set takes to read. Global batch g holds records [g*B*P, (g+1)*B*P) (B per-process batch, P
 processes); process p gets its slice [p*B, (p+1)*B) of it, padded past the end with
 valid=False, so that every process yields num_eval_batches batches and every record is
 scored once.
 """
+import os
 import weakref
 
 from absl import flags
@@ -23,8 +26,8 @@ from dinomaly_jax.data import transforms
 from dinomaly_jax.data.records import DataError
 from dinomaly_jax.data.records import Record
 
-THREADS = 2  # batches decoded at once in each process
-PREFETCH = 4  # batches buffered in each process
+WORKER_THREADS = 2  # batches decoded at once in each worker process
+IN_PROCESS_THREADS = min(16, os.cpu_count() or 1)  # ... without worker processes
 
 
 class FolderReader:
@@ -96,7 +99,8 @@ def _iterate(ds: grain.MapDataset, workers: int):
 
 
 def _prefetched(ds: grain.MapDataset, workers: int) -> grain.IterDataset:
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=THREADS, prefetch_buffer_size=PREFETCH))
+  threads = WORKER_THREADS if workers else IN_PROCESS_THREADS
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
   if workers:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app
       flags.FLAGS.mark_as_parsed()  # (tests, notebooks) use their defaults
@@ -156,4 +160,4 @@ def eval_iterator(records: list[Record], data_config, *, batch_size: int,
   sizes = transforms.Sizes.of(data_config)
   example = _EvalExample(make_reader(records, data_config), [r.label for r in records], sizes)
   ds = grain.MapDataset.source(positions).map(example).batch(batch_size)
-  return _iterate(ds, data_config.workers)
+  return _iterate(ds, 0)
