@@ -1,0 +1,107 @@
+"""Trained reference Dinomaly (`ViTill`) state dict -> our {encoder, bottleneck, decoder} tree.
+
+Reference key names (models/uad.py ViTill with bMlp, VitBlock / ConvBlock):
+  encoder.*                                   DINOv2 keys (see convert_dinov2_state_dict)
+  bottleneck.0.fc{1,2}.{weight,bias}          the noisy bottleneck MLP
+  decoder.{i}.norm{1,2}.{weight,bias}
+  decoder.{i}.attn.{qkv,proj}.{weight,bias}   attention decoders (any attention kind)
+  decoder.{i}.conv.pwconv{1,2}.weight, decoder.{i}.conv.dwconv.weight   conv decoder
+  decoder.{i}.mlp.fc{1,2}.{weight,bias}
+The dimensions (D, bottleneck ratio, depth, conv kernel) are read from the shapes;
+every missing, unexpected or misshapen key is reported in one CheckpointError.
+"""
+import re
+from typing import Mapping
+
+import numpy as np
+
+from weight_conversion import convert
+from weight_conversion.mappings import CheckpointError, to_numpy
+
+_BLOCK_KEY = re.compile(r"^decoder\.(\d+)\.")
+
+
+def _linear(prefix: str, in_dim: int, out_dim: int, bias: bool = True) -> dict:
+  """Torch key -> (flax sub-path, torch shape) for one nn.Linear."""
+  keys = {f"{prefix}.weight": ("kernel", (out_dim, in_dim))}
+  if bias:
+    keys[f"{prefix}.bias"] = ("bias", (out_dim,))
+  return keys
+
+
+def _expected_keys(dim: int, hidden: int, depth: int, conv_kernel: int) -> dict:
+  """Torch key -> (flax path, torch shape) of every bottleneck and decoder tensor."""
+  expected = {}
+
+  def add(flax_prefix, entries):
+    for key, (leaf, shape) in entries.items():
+      expected[key] = (flax_prefix + (leaf,), shape)
+
+  add(("bottleneck", "fc1"), _linear("bottleneck.0.fc1", dim, hidden))
+  add(("bottleneck", "fc2"), _linear("bottleneck.0.fc2", hidden, dim))
+  for i in range(depth):
+    t, f = f"decoder.{i}", ("decoder", f"blocks_{i}")
+    for norm in ("norm1", "norm2"):
+      expected[f"{t}.{norm}.weight"] = (f + (norm, "scale"), (dim,))
+      expected[f"{t}.{norm}.bias"] = (f + (norm, "bias"), (dim,))
+    if conv_kernel:
+      add(f + ("conv", "pwconv1"), _linear(f"{t}.conv.pwconv1", dim, 2 * dim, bias=False))
+      expected[f"{t}.conv.dwconv.weight"] = (f + ("conv", "dwconv", "kernel"),
+                                             (2 * dim, 1, conv_kernel, conv_kernel))
+      add(f + ("conv", "pwconv2"), _linear(f"{t}.conv.pwconv2", 2 * dim, dim, bias=False))
+    else:
+      add(f + ("attn", "qkv"), _linear(f"{t}.attn.qkv", dim, 3 * dim))
+      add(f + ("attn", "proj"), _linear(f"{t}.attn.proj", dim, dim))
+    add(f + ("mlp", "fc1"), _linear(f"{t}.mlp.fc1", dim, 4 * dim))
+    add(f + ("mlp", "fc2"), _linear(f"{t}.mlp.fc2", 4 * dim, dim))
+  return expected
+
+
+def _to_flax(value: np.ndarray) -> np.ndarray:
+  if value.ndim == 2:  # Linear (out, in) -> (in, out)
+    return value.T
+  if value.ndim == 4:  # depthwise Conv2d (C, 1, k, k) -> (k, k, 1, C)
+    return value.transpose(2, 3, 1, 0)
+  return value
+
+
+def describe_architecture(state_dict: Mapping) -> dict:
+  """dim, bottleneck hidden size, decoder depth and conv kernel (0 = attention) from shapes."""
+  fc1 = state_dict.get("bottleneck.0.fc1.weight")
+  if fc1 is None or len(fc1.shape) != 2:
+    raise CheckpointError("Not a Dinomaly ViTill state dict: bottleneck.0.fc1.weight (hidden, D) is "
+                          f"missing or not 2-D (first keys: {sorted(state_dict)[:8]}).")
+  depth = 1 + max((int(m.group(1)) for k in state_dict if (m := _BLOCK_KEY.match(k))), default=-1)
+  dwconv = next((state_dict[k] for k in state_dict if k.endswith(".conv.dwconv.weight")), None)
+  return dict(dim=int(fc1.shape[1]), hidden=int(fc1.shape[0]), depth=depth,
+              conv_kernel=int(dwconv.shape[-1]) if dwconv is not None else 0)
+
+
+def convert_vitill(state_dict: Mapping) -> dict:
+  """ViTill state dict (torch tensors or arrays) -> {"encoder", "bottleneck", "decoder"} trees."""
+  encoder_params, _ = convert.convert_dinov2_state_dict(state_dict, prefix="encoder.")
+  trained = {k: v for k, v in state_dict.items() if not k.startswith("encoder.")}
+  arch = describe_architecture(trained)
+  if arch["depth"] == 0:
+    raise CheckpointError("ViTill state dict has no decoder.{i}.* keys.")
+  expected = _expected_keys(**arch)
+  problems, tree = [], {"bottleneck": {}, "decoder": {}}
+  for key, (path, shape) in expected.items():
+    if key not in trained:
+      problems.append(f"missing {key}: expected shape {shape}")
+      continue
+    value = to_numpy(trained[key])
+    if value.shape != shape:
+      problems.append(f"shape mismatch {key}: expected {shape}, found {value.shape}")
+      continue
+    node = tree
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+    node[path[-1]] = _to_flax(value)
+  problems += [f"unexpected {k}: shape {tuple(trained[k].shape)}"
+               for k in sorted(trained) if k not in expected]
+  if problems:
+    raise CheckpointError("\n  ".join(
+        [f"ViTill state dict (D={arch['dim']}, depth={arch['depth']}, conv_kernel="
+         f"{arch['conv_kernel']}): {len(problems)} problem(s):"] + problems))
+  return dict(encoder=encoder_params, **tree)
