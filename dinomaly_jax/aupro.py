@@ -1,17 +1,17 @@
 """AUPRO, vectorised: ground truth regions labelled once, overlaps from counts.
 
 Regions are the 8-connected components of each mask (skimage.measure.label's
-default in the reference), labelled in one scipy call over the stack with no
-connection across masks. PRO at a threshold t is the mean over all regions of the
-class of the fraction of region pixels scoring > t; FPR is the fraction of normal
-pixels scoring > t.
+default in the reference), labelled once per non-empty mask with scipy. PRO at a
+threshold t is the mean over all regions of the class of the fraction of region
+pixels scoring > t; FPR is the fraction of normal pixels scoring > t.
 
 - "reference" (Dinomaly utils.compute_pro): thresholds `np.arange(min, max,
   (max - min) / n)` over all maps of the class (numpy's float rounding can yield
   n + 1 of them); keep points with FPR < max_fpr; divide FPR by its own max;
-  trapezoid area. Each pixel is binned once by `searchsorted` into the thresholds
-  it exceeds, one bincount gives per-region counts per bin, a reversed cumsum the
-  counts above every threshold.
+  trapezoid area. Pixels above each threshold are counted by binary search in the
+  sorted pixel keys; anomalous pixels are binned once by `searchsorted` into the
+  thresholds they exceed, one bincount gives per-region counts per bin, a reversed
+  cumsum the counts above every threshold.
 - "mvtec" (MVTec-AD evaluation code): the exact curve over every distinct score,
   from (0, 0) to (1, 1), integrated up to FPR = max_fpr (the last segment
   interpolated), divided by max_fpr. One walk over the sorted pixel keys.
@@ -25,16 +25,18 @@ from scipy import ndimage
 
 from dinomaly_jax import score_sort
 
-_IMAGES_PER_CHUNK = 64
+_EIGHT_CONNECTED = np.ones((3, 3), bool)  # skimage.measure.label's default in 2-d
 
 
 def label_regions(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(N, H, W) bool -> region ids (N, H, W) int32 (0 = normal, unique over the stack), areas (K+1,)."""
-  structure = np.zeros((3, 3, 3), bool)
-  structure[1] = True  # 8-connectivity inside each mask, none between masks
-  regions, num = ndimage.label(masks, structure=structure, output=np.int32)
-  areas = np.bincount(regions.reshape(-1), minlength=num + 1)
-  return regions, areas
+  regions = np.zeros(masks.shape, np.int32)
+  num_regions = 0
+  for i in np.flatnonzero(masks.reshape(len(masks), -1).any(axis=1)):  # each non-empty mask once
+    labelled, num = ndimage.label(masks[i], structure=_EIGHT_CONNECTED, output=np.int32)
+    regions[i] = np.where(labelled > 0, labelled + num_regions, 0)
+    num_regions += num
+  return regions, np.bincount(regions.reshape(-1), minlength=num_regions + 1)
 
 
 def _degenerate(reason: str) -> float:
@@ -49,8 +51,11 @@ def reference_thresholds(maps: np.ndarray, num_thresholds: int) -> np.ndarray:
 
 
 def aupro_reference(maps: np.ndarray, masks: np.ndarray, *, max_fpr: float = 0.3,
-                    num_thresholds: int = 200) -> float:
-  """Dinomaly's AUPRO. maps (N, H, W) float32, masks (N, H, W) bool."""
+                    num_thresholds: int = 200, keys=None) -> float:
+  """Dinomaly's AUPRO. maps (N, H, W) float32, masks (N, H, W) bool.
+
+  keys: `score_sort.sorted_keys(maps)` if already computed (saves one sort).
+  """
   regions, areas = label_regions(masks)
   num_regions = areas.size - 1
   n_normal = int(areas[0])
@@ -58,18 +63,18 @@ def aupro_reference(maps: np.ndarray, masks: np.ndarray, *, max_fpr: float = 0.3
     return _degenerate("the masks need both anomalous and normal pixels")
   if maps.min() == maps.max():
     return _degenerate("all anomaly maps are constant")
+  keys = score_sort.sorted_keys(maps, name="anomaly maps") if keys is None else keys
   thresholds = reference_thresholds(maps, num_thresholds)  # (T,)
-  bins = thresholds.size + 1  # bin b: pixels above exactly the thresholds 0..b-1
-  counts = np.zeros(areas.size * bins, np.int64)  # (K+1) x bins, row 0 = normal pixels
-  for lo in range(0, maps.shape[0], _IMAGES_PER_CHUNK):
-    chunk = slice(lo, lo + _IMAGES_PER_CHUNK)
-    exceeded = np.searchsorted(thresholds, maps[chunk].reshape(-1), side="left")  # thresholds < score
-    flat_ids = regions[chunk].reshape(-1).astype(np.int64) * bins + exceeded
-    counts += np.bincount(flat_ids, minlength=counts.size)
-  counts = counts.reshape(areas.size, bins)
-  above = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1][:, 1:]  # (K+1, T): pixels > thresholds[t]
-  fpr = above[0] / n_normal
-  pro = np.mean(above[1:] / areas[1:, None], axis=0)
+  above_all = score_sort.count_above(keys, thresholds)  # (T,) pixels > each threshold
+  flat_regions = regions.reshape(-1)
+  inside = np.flatnonzero(flat_regions)  # anomalous pixels only
+  exceeded = np.searchsorted(thresholds, maps.reshape(-1)[inside], side="left")  # thresholds < score
+  bins = thresholds.size + 1
+  counts = np.bincount((flat_regions[inside] - 1).astype(np.int64) * bins + exceeded,
+                       minlength=num_regions * bins).reshape(num_regions, bins)
+  above = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1][:, 1:]  # (K, T) region pixels > thresholds
+  fpr = (above_all - above.sum(axis=0)) / n_normal
+  pro = np.mean(above / areas[1:, None], axis=0)
   keep = fpr < max_fpr
   if not keep.any() or fpr[keep].max() == 0:
     return _degenerate(f"no threshold gives 0 < FPR < {max_fpr}")
@@ -89,13 +94,13 @@ def aupro_mvtec(maps: np.ndarray, masks: np.ndarray, *, max_fpr: float = 0.3,
   n_normal = int(areas[0])
   if num_regions == 0 or n_normal == 0:
     return _degenerate("the masks need both anomalous and normal pixels")
-  keys = score_sort.sorted_keys(maps, "anomaly maps") if keys is None else keys
+  keys = score_sort.sorted_keys(maps, name="anomaly maps") if keys is None else keys
   weights = np.concatenate([[0.0], 1.0 / (areas[1:] * num_regions)])  # PRO gain per pixel
   flat_regions = regions.reshape(-1)
   area = 0.0
   x_prev = y_prev = 0.0
   fp_seen, pro_seen = 0, 0.0
-  for idx, run_end, _ in score_sort.descending_runs(keys):
+  for idx, _, run_end, _ in score_sort.descending_runs(keys):
     region = flat_regions[idx]
     ends = np.flatnonzero(run_end)
     fp_cum = fp_seen + np.cumsum(region == 0, dtype=np.int64)

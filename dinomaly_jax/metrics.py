@@ -23,14 +23,14 @@ AUPRO_MODES = ("reference", "mvtec")
 F1_EPS = 1e-7
 
 
-def ranking_metrics(keys: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-  """AUROC, AP, F1-max and the F1-optimal threshold from sorted keys and flat bool labels.
+def ranking_metrics(keys: np.ndarray, num_positive: int) -> dict[str, float]:
+  """AUROC, AP, F1-max and the F1-optimal threshold from sorted keys holding the labels.
 
   The threshold is the lowest score reaching the F1 maximum (scikit-learn's
   `thresholds[argmax(f1)]`); predict `score >= threshold` as anomalous.
   """
-  n_pos = int(np.count_nonzero(labels))
-  n_neg = labels.size - n_pos
+  n_pos = int(num_positive)
+  n_neg = keys.size - n_pos
   if n_pos == 0 or n_neg == 0:
     return {"auroc": np.nan, "ap": np.nan, "f1max": np.nan, "f1_threshold": np.nan}
   auc_twice = 0  # sum over ROC segments of d(fp) * (tp_a + tp_b): exact integer
@@ -38,13 +38,12 @@ def ranking_metrics(keys: np.ndarray, labels: np.ndarray) -> dict[str, float]:
   best_f1, best_threshold = -1.0, np.nan
   tp_prev = fp_prev = 0
   tp_seen = n_seen = 0
-  for idx, run_end, ordered in score_sort.descending_runs(keys):
-    positive = labels[idx]
+  for _, positive, run_end, ordered in score_sort.descending_runs(keys):
     ends = np.flatnonzero(run_end)
     tps = tp_seen + np.cumsum(positive, dtype=np.int64)[ends]  # (m,) at each threshold
     fps = n_seen + ends + 1 - tps
     tp_seen += int(np.count_nonzero(positive))
-    n_seen += idx.size
+    n_seen += positive.size
     if not ends.size:
       continue
     tp_all = np.concatenate([[tp_prev], tps])
@@ -74,7 +73,8 @@ def _check_1d(scores, labels):
 
 def _image_ranking(scores, labels) -> dict[str, float]:
   scores, labels = _check_1d(scores, labels)
-  return ranking_metrics(score_sort.sorted_keys(scores, "image scores"), labels)
+  keys = score_sort.sorted_keys(scores, labels, "image scores")
+  return ranking_metrics(keys, np.count_nonzero(labels))
 
 
 def image_f1_threshold(scores, labels) -> float:
@@ -103,15 +103,15 @@ def class_metrics(scores, labels, maps, masks, *, aupro: str = "reference",
     warnings.warn("Image metrics are NaN: the class's test images are all normal or all "
                   "anomalous.", stacklevel=2)
   masks = masks > 0
-  keys = score_sort.sorted_keys(maps, "anomaly maps")
-  pixel = ranking_metrics(keys, masks.reshape(-1))
+  keys = score_sort.sorted_keys(maps, masks, "anomaly maps")
+  pixel = ranking_metrics(keys, np.count_nonzero(masks))
   if pixel["f1max"] != pixel["f1max"]:
     warnings.warn("Pixel metrics and AUPRO are NaN: the ground truth masks of the class are "
                   "all normal (or all anomalous).", stacklevel=2)
     pro = np.nan
   elif aupro == "reference":
     pro = aupro_lib.aupro_reference(maps, masks, max_fpr=aupro_max_fpr,
-                                    num_thresholds=aupro_thresholds)
+                                    num_thresholds=aupro_thresholds, keys=keys)
   else:
     pro = aupro_lib.aupro_mvtec(maps, masks, max_fpr=aupro_max_fpr, keys=keys)
   values = (image["auroc"], image["ap"], image["f1max"], pixel["auroc"], pixel["ap"],

@@ -13,7 +13,8 @@ from dinomaly_jax import score_sort
 
 
 def _ours(scores, labels):
-  return metrics.ranking_metrics(score_sort.sorted_keys(scores), np.asarray(labels).reshape(-1) > 0)
+  labels = np.asarray(labels) > 0
+  return metrics.ranking_metrics(score_sort.sorted_keys(scores, labels), np.count_nonzero(labels))
 
 
 def _sklearn(scores, labels):
@@ -188,3 +189,14 @@ def test_bad_inputs_raise_clear_errors():
     metrics.image_f1_threshold(np.zeros(3), np.zeros(4))
   with pytest.raises(ValueError, match="NaN"):
     metrics.image_f1_threshold([0.1, np.nan], [0, 1])
+
+
+def test_count_above_matches_numpy_comparison():
+  rng = np.random.default_rng(0)
+  scores = np.concatenate([np.float32([-0.0, 0.0, -1.5, 2.0]), rng.standard_normal(500).astype(np.float32)])
+  scores[10:20] = scores[20]  # ties
+  thresholds = np.concatenate([rng.standard_normal(50), scores[:30].astype(np.float64),  # equal to scores
+                               np.nextafter(scores[:30].astype(np.float64), np.inf),  # just above
+                               np.nextafter(scores[:30].astype(np.float64), -np.inf), [0.0, -0.0]])
+  expected = [(scores > t).sum() for t in thresholds]
+  np.testing.assert_array_equal(score_sort.count_above(score_sort.sorted_keys(scores), thresholds), expected)
