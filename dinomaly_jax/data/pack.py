@@ -7,6 +7,7 @@ r"""Packs a dataset into a TFDS array_record dataset for pods (see packed.py).
 Then train with --config.data.packed=DIR (data.root is not read).
 """
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -37,7 +38,8 @@ def main(argv) -> None:
     packed.write(records, _OUT.value, config.data.resize, _WORKERS.value,
                  description=f"{config.data.layout} dataset from {config.data.root}")
   except DataError as e:
-    raise app.UsageError(str(e)) from None
+    print(f"\nerror: {e}", file=sys.stderr)
+    sys.exit(1)
   n = {s: len(r) for s, r in records.items()}
   print(f"Packed {n} images at {config.data.resize}px into {_OUT.value}; train with "
         f"--config.data.packed={_OUT.value}")

@@ -11,6 +11,7 @@ prepare_visa.py does.
 import csv
 import os
 import shutil
+import sys
 
 from absl import app
 from absl import flags
@@ -73,7 +74,8 @@ def main(argv) -> None:
   try:
     target = prepare(_RAW.value, _OUT.value, _CSV.value)
   except DataError as e:
-    raise app.UsageError(str(e)) from None
+    print(f"\nerror: {e}", file=sys.stderr)
+    sys.exit(1)
   print(f"VisA 1cls layout written to {target}; use --config.data.root={target}")
 
 
