@@ -18,7 +18,7 @@ CHECKPOINT_DIR = "checkpoints"
 # continues it: they change neither the parameters' shapes nor the trajectory.
 _FREE_FIELDS = ("mode", "encoder_weights", "data.root", "data.workers", "data.packed",
                 "train.log_every", "train.eval_every", "train.checkpoint_every",
-                "train.keep_checkpoints", "train.stop_after", "eval.", "predict.")
+                "train.keep_checkpoints", "train.stop_after", "eval.", "predict.", "export.")
 
 
 class IncompatibleWorkdirError(RuntimeError):
@@ -73,9 +73,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def manager(workdir: str, config: ml_collections.ConfigDict, *, read_only=False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.train.keep_checkpoints, enable_async_checkpointing=not read_only,
-      read_only=read_only, create=not read_only)
+  if read_only:
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
+                                           max_to_keep=None, enable_async_checkpointing=False)
+  else:
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options)
 
 

@@ -98,6 +98,10 @@ def base_config() -> ml_collections.ConfigDict:
   p.input = ""  # a folder or glob of images
   p.output = ""  # default: <workdir>/predictions
   p.class_name = ""  # threshold of this class; default: a class named in the path, else pooled
+
+  # --- Export ----------------------------------------------------------------------
+  c.export = x = ml_collections.ConfigDict()
+  x.platforms = ()  # e.g. ("cpu", "cuda", "tpu"); empty = the platform this runs on
   return c
 
 

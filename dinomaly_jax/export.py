@@ -6,6 +6,7 @@ export_info.json (input size, normalisation, map size). Load it with
 `dinomaly_jax.exported_model.load` (which imports nothing else of this package)
 or the few lines of the README.
 """
+import copy
 import json
 import os
 
@@ -21,8 +22,10 @@ from dinomaly_jax.data import transforms
 EXPORT_DIR = "export"
 
 
-def export(config: ml_collections.ConfigDict, workdir: str, platforms=None) -> str:
+def export(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Serializes (params, images (b, crop, crop, 3)) -> (maps, scores) into <workdir>/export."""
+  config = copy.deepcopy(config)
+  config.model.attention_impl = "xla"  # portable, and traceable with a symbolic batch size
   mesh = sharding.make_mesh()
   model, state = model_state.load_trained(config, workdir, mesh)
   map_fn = evaluate.make_map_fn(model, config)
@@ -36,7 +39,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, platforms=None) -> s
   (batch,) = jax.export.symbolic_shape("b")
   image_spec = jax.ShapeDtypeStruct((batch, crop, crop, 3), np.float32)
   leaf_specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
-  exported = jax.export.export(jax.jit(inference), platforms=platforms)(leaf_specs, image_spec)
+  exported = jax.export.export(jax.jit(inference), platforms=tuple(config.export.platforms) or None)(leaf_specs, image_spec)
   out = os.path.join(workdir, EXPORT_DIR)
   if jax.process_index() == 0:
     os.makedirs(out, exist_ok=True)
@@ -44,7 +47,7 @@ def export(config: ml_collections.ConfigDict, workdir: str, platforms=None) -> s
       f.write(exported.serialize())
     np.savez(os.path.join(out, "params.npz"), *[np.asarray(x) for x in leaves])
     info = {"input_size": crop, "resize": config.data.resize, "map_size": config.eval.map_size,
-            "mean": list(transforms.IMAGENET_MEAN), "std": list(transforms.IMAGENET_STD),
+            "mean": transforms.IMAGENET_MEAN.tolist(), "std": transforms.IMAGENET_STD.tolist(),
             "layout": "NHWC float32, ImageNet-normalised", "outputs": ["maps (b, S, S)", "scores (b,)"],
             "platforms": list(exported.platforms), "step": int(state.step)}
     with open(os.path.join(out, "export_info.json"), "w") as f:
