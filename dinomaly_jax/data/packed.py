@@ -15,6 +15,7 @@ import json
 import multiprocessing
 import os
 
+from etils import epath
 import numpy as np
 from PIL import Image
 
@@ -102,13 +103,17 @@ def write(records: dict[str, list[Record]], out_dir: str, resize: int, workers: 
     json.dump(metadata, f)
 
 
-def _metadata(packed: str) -> dict:
-  path = os.path.join(packed, METADATA_FILE)
-  if not os.path.isfile(path):
+def _metadata(packed: str, resize: int | None = None) -> dict:
+  """The pack's dinomaly_pack.json (epath: local or cloud paths); checks its resize."""
+  path = epath.Path(packed) / METADATA_FILE
+  if not path.exists():
     raise DataError(f"{packed}: not a packed dataset (no {METADATA_FILE}); expected a folder "
                     "written by `python -m dinomaly_jax.data.pack`.")
-  with open(path) as f:
-    return json.load(f)
+  meta = json.loads(path.read_text())
+  if resize is not None and meta["resize"] != resize:
+    raise DataError(f"{packed}: packed at resize {meta['resize']} but config.data.resize is "
+                    f"{resize}; expected equal (pack again or change the config).")
+  return meta
 
 
 def list_classes(packed: str) -> list[str]:
@@ -118,10 +123,7 @@ def list_classes(packed: str) -> list[str]:
 
 def read_records(packed: str, split: str, classes: list[str], data_config) -> list[Record]:
   """The packed records of `split` for `classes`, in class order."""
-  meta = _metadata(packed)
-  if meta["resize"] != data_config.resize:
-    raise DataError(f"{packed}: packed at resize {meta['resize']} but config.data.resize is "
-                    f"{data_config.resize}; expected equal (pack again or change the config).")
+  meta = _metadata(packed, data_config.resize)
   if split not in meta["splits"]:
     raise DataError(f"{packed}: has no {split!r} split; expected {SPLITS}.")
   records = [Record(**r) for r in meta["splits"][split]]
@@ -132,10 +134,7 @@ class PackedReader:
   """Reads records from a packed dataset: (resize, resize) uint8 images and masks."""
 
   def __init__(self, packed: str, records: list[Record], sizes: transforms.Sizes):
-    meta = _metadata(packed)
-    if meta["resize"] != sizes.resize:
-      raise DataError(f"{packed}: packed at resize {meta['resize']} but config.data.resize is "
-                      f"{sizes.resize}; expected equal.")
+    meta = _metadata(packed, sizes.resize)
     where = {r["image_path"]: (s, i) for s, rs in meta["splits"].items() for i, r in enumerate(rs)}
     missing = [r.image_path for r in records if r.image_path not in where]
     if missing:
