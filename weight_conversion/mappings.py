@@ -66,7 +66,7 @@ _HF_FUSED = (
 def _is_packed_swiglu(state: Mapping[str, np.ndarray], fc1_weight_key: str) -> bool:
   """timm's SwiGLUPacked: `mlp.fc1` emits twice the width that `mlp.fc2` takes."""
   fc2 = state.get(fc1_weight_key.replace(".fc1.", ".fc2."))
-  return fc2 is not None and state[fc1_weight_key].shape[0] == 2 * fc2.shape[1]
+  return fc2 is not None and fc2.ndim == 2 and state[fc1_weight_key].shape[0] == 2 * fc2.shape[1]
 
 
 def detect_format(state: Mapping[str, np.ndarray]) -> str:
