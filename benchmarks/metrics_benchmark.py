@@ -76,12 +76,13 @@ def main():
   parser.add_argument("--images", type=int, default=1000)
   parser.add_argument("--size", type=int, default=256)
   parser.add_argument("--direct_images", type=int, default=50,
-                      help="images for the (slow) direct AUPRO and its vectorised twin")
+                      help="images for the (slow) direct AUPRO and its vectorised twin; 0 skips them")
   args = parser.parse_args()
   cases = [("seven metrics (AUPRO reference)", args.images), ("seven metrics (AUPRO mvtec)", args.images),
-           ("AUPRO reference, vectorised", args.images),
-           ("AUPRO reference, vectorised", args.direct_images),
-           ("AUPRO reference, direct per threshold", args.direct_images)]
+           ("AUPRO reference, vectorised", args.images)]
+  if args.direct_images:
+    cases += [("AUPRO reference, vectorised", args.direct_images),
+              ("AUPRO reference, direct per threshold", args.direct_images)]
   ctx = multiprocessing.get_context("spawn")
   rows = []
   for name, n in cases:
@@ -98,7 +99,7 @@ def main():
          "cpu": cpu, "cpu_cores": os.cpu_count(), "load_average": os.getloadavg(),
          "numpy": np.__version__, "results": rows}
   os.makedirs(RESULTS_DIR, exist_ok=True)
-  path = os.path.join(RESULTS_DIR, f"metrics_{out['date'][:10]}.json")
+  path = os.path.join(RESULTS_DIR, f"metrics_{out['date'][:10]}_{args.images}x{args.size}.json")
   with open(path, "w") as f:
     json.dump(out, f, indent=2)
   print(f"-> {path}")

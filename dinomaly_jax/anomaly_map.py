@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dinomaly_jax.data import transforms
+
 COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity: each norm clamped to >= eps
 
 
@@ -138,7 +140,7 @@ def _full_resolution_axis(out_size: int, map_size: int, data_config) -> np.ndarr
   if data_config is None:
     return bilinear_weights(centers * map_size / out_size - 0.5, map_size).astype(np.float32)
   resize, crop = data_config.resize, data_config.crop
-  in_crop = centers * resize / out_size - int(round((resize - crop) / 2))  # crop pixel units
+  in_crop = centers * resize / out_size - transforms.crop_offset(resize, crop)  # crop pixel units
   weights = bilinear_weights(in_crop * map_size / crop - 0.5, map_size)
   weights[(in_crop < 0) | (in_crop > crop)] = 0
   return weights.astype(np.float32)

@@ -4,9 +4,10 @@ Image and pixel AUROC / AP / F1-max are computed from one sort of the scores (se
 `score_sort`), with scikit-learn's semantics: tied scores are one threshold, AP is
 the step integral of the PR curve, AUROC the trapezoid area of the ROC curve (here
 from integer counts, so exact to float64 division), F1-max the maximum over the PR
-curve of 2PR / (P + R + 1e-7). Memory: about 8 bytes per pixel for the sort keys
-plus 4 for the region labels of AUPRO: 131M pixels (2,000 maps of 256^2) need
-~1.6 GiB beyond the inputs, so no binned approximation is needed.
+curve of 2PR / (P + R + 1e-7). Memory: 8 bytes per pixel for the sort keys plus 4
+for the region ids of AUPRO and chunked temporaries: 131M pixels (2,000 maps of
+256^2) measured 2.6 GiB beyond the 0.6 GiB of maps and masks, so no binned
+approximation is needed (benchmarks/metrics_benchmark.py).
 
 Degenerate classes: when the labels (image level) or the masks (pixel level) hold
 only one class, the affected metrics are NaN and a warning names them.

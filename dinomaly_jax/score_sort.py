@@ -20,7 +20,7 @@ _SIGN = np.uint32(0x80000000)
 
 def sorted_keys(scores: np.ndarray, labels: np.ndarray | None = None,
                 name: str = "scores") -> np.ndarray:
-  """Any-shape float scores (and bool labels of the same size) -> (n,) uint64 keys, ascending."""
+  """Scores of any shape (labels of the same size, positive where > 0) -> (n,) sorted uint64 keys."""
   flat = np.asarray(scores).reshape(-1)
   flat_labels = None if labels is None else np.asarray(labels).reshape(-1)
   n = flat.size
@@ -35,7 +35,7 @@ def sorted_keys(scores: np.ndarray, labels: np.ndarray | None = None,
                        f"{lo + int(np.flatnonzero(np.isnan(chunk))[0])}); scores must be numbers.")
     keys[lo:hi] = (_ordered(chunk).astype(np.uint64) << np.uint64(32)) | np.arange(lo, hi, dtype=np.uint64)
     if flat_labels is not None:
-      keys[lo:hi] |= flat_labels[lo:hi].astype(np.uint64) << _LABEL_SHIFT
+      keys[lo:hi] |= (flat_labels[lo:hi] > 0).astype(np.uint64) << _LABEL_SHIFT
   keys.sort()
   return keys
 
