@@ -115,7 +115,7 @@ def cached_batches(cache: dict, *, batch_size: int, seed: int, start_step: int =
 
 
 @jax.jit
-def _to_float32(batch):
+def to_float32(batch):
   return jax.tree.map(lambda x: x.astype(jnp.float32), batch)
 
 
@@ -137,4 +137,4 @@ def cached_training(config, model: Dinomaly, encoder_params, records, mesh, star
                       process_index=p_index, process_count=n_proc)
   batches = cached_batches(cache, batch_size=local_batch, seed=config.seed, start_step=start_step)
   step = train_step.make_train_step(model, config, mesh, from_features=True)
-  return batches, lambda state, batch: step(state, _to_float32(batch))
+  return batches, lambda state, batch: step(state, to_float32(batch))

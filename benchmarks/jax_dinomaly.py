@@ -1,0 +1,87 @@
+"""The JAX functions the benchmarks time: encoder, inference, train steps."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dinomaly_jax import anomaly_map
+from dinomaly_jax import feature_cache
+from dinomaly_jax import sharding
+from dinomaly_jax import train_step
+from dinomaly_jax.config_base import base_config, set_vit
+from dinomaly_jax.models import dinomaly
+
+
+def make_config(vit: str, size: int, batch: int, dtype: str = "float32",
+                attention_impl: str = "auto") -> ml_collections.ConfigDict:
+  config = base_config()
+  set_vit(config, vit)
+  config.model.dtype = dtype
+  config.model.attention_impl = attention_impl
+  config.data.crop = size
+  config.data.resize = size
+  config.train.batch_size = batch
+  config.random_encoder = True
+  return config
+
+
+class JaxDinomaly:
+  """A model with random weights and its jitted functions; `compile_*` return (fn, seconds)."""
+
+  def __init__(self, config, mesh=None):
+    self.config = config
+    self.size = config.data.crop
+    self.mesh = mesh or sharding.make_mesh()
+    self.model = dinomaly.build_model(config.model)
+    state = train_step.create_train_state(self.model, config, jax.random.key(config.seed), None,
+                                          (self.size, self.size, 3))
+    self.state = sharding.replicate(state, self.mesh)
+
+  def images(self, batch: int, seed: int = 0):
+    x = np.random.default_rng(seed).standard_normal((batch, self.size, self.size, 3), np.float32)
+    return sharding.global_batch({"image": x}, self.mesh)["image"]
+
+  def compile_encoder(self, images):
+    """images -> the target layers' outputs, list of (B, N, D)."""
+    encoder, layers = self.model.encoder, list(self.model.target_layers)
+    fn = jax.jit(lambda p, x: encoder.apply({"params": p}, x, layers))
+    return _compiled(fn, self.state.encoder_params, images)
+
+  def compile_inference(self, images):
+    """images -> (anomaly maps (B, 256, 256), image scores (B,))."""
+    model, ec = self.model, self.config.eval
+
+    def infer(encoder_params, params, x):
+      enc_groups, dec_groups = model.apply({"params": {"encoder": encoder_params, **params}}, x,
+                                           train=False)
+      maps = anomaly_map.anomaly_map(enc_groups, dec_groups, x.shape[1:3], map_size=ec.map_size,
+                                     gaussian_size=ec.gaussian_size,
+                                     gaussian_sigma=ec.gaussian_sigma)
+      return maps, anomaly_map.image_score(maps, ec.top_ratio)
+
+    return _compiled(jax.jit(infer), self.state.encoder_params, self.state.params, images)
+
+  def compile_train_step(self, batch, from_features: bool = False):
+    """(state, batch) -> (state, metrics), state donated."""
+    step = train_step.make_train_step(self.model, self.config, self.mesh, from_features)
+    return _compiled(step, self.fresh_state(), batch)
+
+  def fresh_state(self):
+    return jax.tree.map(jnp.copy, self.state)
+
+  def cached_features(self, images):
+    """The cached-feature batch for `images`, stored and cast as feature_cache does."""
+    bottleneck_input, enc_groups = jax.jit(
+        lambda p, x: self.model.apply({"params": {"encoder": p}}, x,
+                                      method=dinomaly.Dinomaly.encode))(
+                                          self.state.encoder_params, images)
+    host = feature_cache.to_host({"bottleneck_input": bottleneck_input, "enc_groups": enc_groups},
+                                 self.config.data.cache_dtype)
+    return host
+
+
+def _compiled(jitted, *args):
+  import time  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start

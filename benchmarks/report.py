@@ -1,0 +1,75 @@
+"""Benchmark results: one console line per figure, a JSON file and a Markdown table."""
+import dataclasses
+import json
+
+# Issue 7's CPU targets: (task, minimum ratio, input size or None for all sizes).
+TARGETS = [("encoder", 1.0, 392), ("train", 1.2, None), ("cached_vs_uncached", 2.0, None)]
+
+
+def _fmt(x, digits=3):
+  return "-" if x is None else f"{x:.{digits}g}"
+
+
+def row_line(row) -> str:
+  ratio = "" if row.ratio is None else f"  x{row.ratio:.2f} vs {row.baseline}"
+  other = "" if row.torch_s is None else f"  {row.baseline} {row.torch_s:.4g}s"
+  return (f"{row.task:18s} {row.vit:5s} {row.size} b{row.batch:<3d} jax {row.jax_s:.4g}s "
+          f"({row.batch / row.jax_s:.3g} img/s){other}{ratio}  compile {row.compile_s:.1f}s")
+
+
+def _as_dict(row) -> dict:
+  d = dataclasses.asdict(row)
+  d["ratio"] = row.ratio
+  d["jax_images_per_s"] = row.batch / row.jax_s
+  d["baseline_images_per_s"] = None if row.torch_s is None else row.batch / row.torch_s
+  return d
+
+
+def markdown(facts: dict, rows) -> str:
+  lines = [f"# Dinomaly-JAX benchmark, {facts['date']}", "",
+           f"- Hardware: {facts['cpu']}, {facts['cpu_cores']} cores, {facts['memory_gib']} GiB; "
+           f"JAX backend {facts['jax_backend']} ({', '.join(sorted(set(facts['devices'])))})",
+           f"- Versions: python {facts['python']}, jax {facts['jax']}, flax {facts['flax']}, "
+           f"torch {facts.get('torch', '-')} ({facts.get('torch_threads', '-')} threads)",
+           f"- float32 matmul 1024^3 GFLOP/s: {facts.get('matmul_gflops')}",
+           f"- Median of {facts['repeats']} calls after a warm-up; JAX and torch calls "
+           f"alternate. Ratio = baseline time / JAX time (> 1: JAX faster). Wall time "
+           f"{facts['wall_s']} s.",
+           "- RSS growth: peak resident memory during the first (warm-up) call minus the "
+           "resident memory before it (freed heap returned to the OS first). train_cached's "
+           "torch figures are the torch image train step (the twin has no cache).", ""]
+  lines += ["## Targets", "", "| target | model | size | batch | ratio | met |", "|---|---|---|---|---|---|"]
+  for task, minimum, size in TARGETS:
+    for r in rows:
+      if r.task == task and (size is None or r.size == size) and r.ratio is not None:
+        lines.append(f"| {task} >= {minimum}x | ViT-{r.vit} | {r.size} | {r.batch} | "
+                     f"{r.ratio:.2f}x | {'yes' if r.ratio >= minimum else 'NO'} |")
+  lines += ["", "## JAX vs PyTorch", "",
+            "| task | model | size | batch | JAX s | JAX img/s | torch s | torch img/s | ratio "
+            "| JAX compile s | RSS growth MiB JAX / torch | device peak MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if r.baseline != "torch":
+      continue
+    torch_ips = None if r.torch_s is None else r.batch / r.torch_s
+    lines.append(
+        f"| {r.task} | ViT-{r.vit} | {r.size} | {r.batch} | {_fmt(r.jax_s)} | "
+        f"{_fmt(r.batch / r.jax_s)} | {_fmt(r.torch_s)} | {_fmt(torch_ips)} | "
+        f"{_fmt(r.ratio)} | {r.compile_s:.1f} | {_fmt(r.jax_rss_growth_mib, 5)} / "
+        f"{_fmt(r.torch_rss_growth_mib, 5)} | {_fmt(r.jax_device_peak_mib, 5)} |")
+  cached = [r for r in rows if r.task == "cached_vs_uncached"]
+  if cached:
+    lines += ["", "## Cached encoder features vs images (JAX train step)", "",
+              "| model | size | batch | cached s | uncached s | speed-up |", "|---|---|---|---|---|---|"]
+    for r in cached:
+      lines.append(f"| ViT-{r.vit} | {r.size} | {r.batch} | {_fmt(r.jax_s)} | {_fmt(r.torch_s)} | "
+                   f"{r.ratio:.2f}x |")
+  return "\n".join(lines) + "\n"
+
+
+def write(stem: str, facts: dict, rows) -> tuple[str, str]:
+  with open(stem + ".json", "w") as f:
+    json.dump({"facts": facts, "rows": [_as_dict(r) for r in rows]}, f, indent=1)
+  with open(stem + ".md", "w") as f:
+    f.write(markdown(facts, rows))
+  return stem + ".json", stem + ".md"

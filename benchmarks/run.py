@@ -1,0 +1,210 @@
+"""Dinomaly-JAX vs the same work in PyTorch, side by side in one process.
+
+  python -m benchmarks.run [--quick] [--out benchmarks/results]
+
+For each ViT size, input size and batch: encoder forward, full inference (encoder,
+bottleneck, decoder, anomaly maps, image scores), train step (uncached and from cached
+features); JAX and PyTorch calls alternate so that load from other processes hits both
+alike; each figure is the median of --repeats calls after one warm-up call. Writes
+<out>/<platform>-<date>.json and .md.
+"""
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from benchmarks import report
+from benchmarks import timing
+from benchmarks.jax_dinomaly import JaxDinomaly, make_config
+from dinomaly_jax import feature_cache
+from dinomaly_jax import sharding
+
+# (vit, image size, encoder/inference batches, train batch). Train batches are small
+# because a CPU step at 392 takes tens of seconds; the GPU check uses the protocol's 16.
+FULL_GRID = [
+    ("small", 224, (1, 8), 8),
+    ("small", 392, (1, 8), 4),
+    ("base", 224, (1, 8), 8),
+    ("base", 392, (1, 8), 4),
+]
+QUICK_GRID = [("small", 224, (1,), 2)]
+TASKS = ("encoder", "inference", "train", "train_cached")
+
+
+@dataclasses.dataclass
+class Row:
+  task: str
+  vit: str
+  size: int
+  batch: int
+  jax_s: float
+  torch_s: float | None
+  compile_s: float
+  jax_rss_growth_mib: float
+  torch_rss_growth_mib: float | None
+  jax_device_peak_mib: float | None
+  baseline: str = "torch"  # what `ratio` compares against
+
+  @property
+  def ratio(self) -> float | None:
+    return None if self.torch_s is None else self.torch_s / self.jax_s
+
+
+def _mib(x):
+  return None if x is None else round(x / 2**20, 1)
+
+
+def measure(jax_fn, torch_fn, repeats: int, rss: timing.PeakRss):
+  """Warm-up calls (sampling peak memory), then interleaved timing; torch_fn may be None."""
+  fns = {"jax": jax_fn}
+  _, jax_peak = rss.measure(jax_fn)
+  torch_peak = None
+  if torch_fn is not None:
+    _, torch_peak = rss.measure(torch_fn)
+    fns["torch"] = torch_fn
+  return timing.interleaved_seconds(fns, repeats), jax_peak, torch_peak
+
+
+def pick_torch_threads(choice: str, vit: str, size: int) -> dict:
+  """Sets torch's intra-op threads: `choice`, or for "auto" the faster of 1 and all cores
+  on a ViT encoder forward (OpenMP with every core slows down many times when other
+  processes share the cores; XLA's thread pool does not)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_dinomaly  # pylint: disable=g-import-not-at-top
+  if choice != "auto":
+    torch.set_num_threads(int(choice))
+    return {"torch_threads": int(choice)}
+  encoder = torch_dinomaly.TorchEncoder(vit, 4, [2])
+  images = torch.randn(1, 3, size, size)
+  counts = sorted({1, os.cpu_count() or 1})
+  seconds = {}
+  for threads in counts * 2:  # twice each, alternating; keep the best
+    torch.set_num_threads(threads)
+    with torch.inference_mode():
+      start = time.perf_counter()
+      encoder(images)
+      seconds[threads] = min(seconds.get(threads, 1e9), time.perf_counter() - start)
+  best = min(seconds, key=seconds.get)
+  torch.set_num_threads(best)
+  return {"torch_threads": best,
+          "torch_threads_probe_s": {str(k): round(v, 4) for k, v in seconds.items()}}
+
+
+def bench_size(vit, size, batches, train_batch, tasks, repeats, rss, with_torch):
+  rows = []
+  jm = JaxDinomaly(make_config(vit, size, train_batch))
+  tm = None
+  if with_torch:
+    from benchmarks import torch_dinomaly  # pylint: disable=g-import-not-at-top
+    cfg = jm.config.model
+    tm = torch_dinomaly.TorchTwin(vit, cfg.registers, cfg.target_layers, cfg.fuse_groups,
+                                  cfg.decoder_depth, cfg.bottleneck_dropout)
+
+  def add(task, batch, jax_fn, torch_fn, compile_s, baseline="torch"):
+    gc.collect()
+    seconds, jax_peak, torch_peak = measure(jax_fn, torch_fn, repeats, rss)
+    row = Row(task, vit, size, batch, seconds["jax"], seconds.get("torch"), compile_s,
+              _mib(jax_peak), _mib(torch_peak), _mib(timing.device_peak_bytes()), baseline)
+    rows.append(row)
+    print(report.row_line(row), flush=True)
+
+  for batch in batches:
+    images = jm.images(batch)
+    host_images = np.array(images)
+    if "encoder" in tasks:
+      fn, compile_s = jm.compile_encoder(images)
+      p = jm.state.encoder_params
+      add("encoder", batch, lambda: jax.block_until_ready(fn(p, images)),
+          tm and (lambda: tm.encoder_forward(host_images)), compile_s)
+    if "inference" in tasks:
+      fn, compile_s = jm.compile_inference(images)
+      ep, p = jm.state.encoder_params, jm.state.params
+      add("inference", batch, lambda: jax.block_until_ready(fn(ep, p, images)),
+          tm and (lambda: tm.inference(host_images)), compile_s)
+
+  train_tasks = [t for t in ("train", "train_cached") if t in tasks]
+  if train_tasks:
+    host = {"image": np.array(jm.images(train_batch))}
+    step_seconds = {}
+    torch_step = tm and (lambda: tm.train_step(host["image"]))
+    for task in train_tasks:
+      if task == "train":
+        batch_fn = lambda: sharding.global_batch(host, jm.mesh)
+      else:
+        features = jm.cached_features(sharding.global_batch(host, jm.mesh)["image"])
+        batch_fn = lambda: sharding.global_batch(features, jm.mesh)
+      if task == "train_cached":  # bfloat16 host features, cast on the device as in training
+        cast = feature_cache.to_float32
+        step, compile_s = jm.compile_train_step(cast(batch_fn()), from_features=True)
+        run_step = lambda s, b, step=step: step(s, cast(b))
+      else:
+        run_step, compile_s = jm.compile_train_step(batch_fn())
+      holder = {"state": jm.fresh_state()}
+
+      def jax_step(run_step=run_step, batch_fn=batch_fn, holder=holder):
+        holder["state"], metrics = run_step(holder["state"], batch_fn())
+        jax.block_until_ready(metrics)
+
+      # The torch twin has no cached path: train_cached is compared with its image step.
+      add(task, train_batch, jax_step, torch_step if task == "train" else None, compile_s)
+      if task == "train_cached" and "train" in step_seconds:
+        rows[-1].torch_s, rows[-1].torch_rss_growth_mib = (rows[-2].torch_s,
+                                                          rows[-2].torch_rss_growth_mib)
+      step_seconds[task] = rows[-1].jax_s
+    if len(step_seconds) == 2:
+      rows.append(Row("cached_vs_uncached", vit, size, train_batch, step_seconds["train_cached"],
+                      step_seconds["train"], 0.0, None, None, None, baseline="jax uncached"))
+      print(report.row_line(rows[-1]), flush=True)
+  return rows
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="smallest size only (CI smoke run)")
+  parser.add_argument("--out", default="benchmarks/results", help="results directory")
+  parser.add_argument("--vit", nargs="*", choices=("small", "base", "large"),
+                      help="only these ViT sizes")
+  parser.add_argument("--size", nargs="*", type=int, help="only these input sizes")
+  parser.add_argument("--tasks", nargs="*", choices=TASKS, default=list(TASKS))
+  parser.add_argument("--repeats", type=int, default=None, help="timed calls per figure")
+  parser.add_argument("--no-torch", action="store_true", help="JAX figures only")
+  parser.add_argument("--torch-threads", default="auto",
+                      help="torch intra-op threads; auto = the faster of 1 and all cores")
+  parser.add_argument("--name", default=None, help="results file stem (default <platform>-<date>)")
+  args = parser.parse_args(argv)
+
+  grid = QUICK_GRID if args.quick else FULL_GRID
+  grid = [g for g in grid if (not args.vit or g[0] in args.vit) and (not args.size or g[1] in args.size)]
+  if not grid:
+    parser.error("--vit/--size select nothing from the grid "
+                 f"{[(g[0], g[1]) for g in (QUICK_GRID if args.quick else FULL_GRID)]}.")
+  repeats = args.repeats or (1 if args.quick else 3)
+  facts = timing.machine_facts()
+  if not args.no_torch:
+    facts.update(pick_torch_threads(args.torch_threads, grid[0][0], grid[0][1]))
+  print(json.dumps(facts), flush=True)
+  rss = timing.PeakRss()
+  start = time.perf_counter()
+  rows = []
+  try:
+    for vit, size, batches, train_batch in grid:
+      rows += bench_size(vit, size, batches, train_batch, args.tasks, repeats, rss,
+                         not args.no_torch)
+  finally:
+    rss.close()
+  facts["wall_s"] = round(time.perf_counter() - start, 1)
+  facts["repeats"] = repeats
+  facts["matmul_gflops"] = timing.matmul_gflops(with_torch=not args.no_torch)
+  os.makedirs(args.out, exist_ok=True)
+  name = args.name or f"{jax.default_backend()}-{facts['date'][:10]}"
+  paths = report.write(os.path.join(args.out, name), facts, rows)
+  print("Wrote", *paths)
+
+
+if __name__ == "__main__":
+  main()
