@@ -6,8 +6,8 @@ threshold t is the mean over all regions of the class of the fraction of region
 pixels scoring > t; FPR is the fraction of normal pixels scoring > t.
 
 - "reference" (Dinomaly utils.compute_pro): thresholds `np.arange(min, max,
-  (max - min) / n)` over all maps of the class (numpy's float rounding can yield
-  n + 1 of them); keep points with FPR < max_fpr; divide FPR by its own max;
+  (max - min) / n)` over all maps of the class, with the numpy 1.x float semantics
+  the reference ran with (rounding can yield n + 1 of them); keep points with FPR < max_fpr; divide FPR by its own max;
   trapezoid area. Pixels above each threshold are counted by binary search in the
   sorted pixel keys; anomalous pixels are binned once by `searchsorted` into the
   thresholds they exceed, one bincount gives per-region counts per bin, a reversed
@@ -45,9 +45,15 @@ def _degenerate(reason: str) -> float:
 
 
 def reference_thresholds(maps: np.ndarray, num_thresholds: int) -> np.ndarray:
-  """The reference's thresholds, built exactly as it builds them (ascending)."""
+  """The reference's thresholds as it ran (numpy 1.x), ascending float32.
+
+  It evaluates `np.arange(min, max, (max - min) / n)` on float32 extremes: numpy 1.x
+  makes the step float64 (numpy 2 would keep it float32) and compares the float32
+  maps with each threshold in float32. Checked against numpy 1.26 on 20,000 random
+  ranges (1,259 of them with n + 1 thresholds): identical thresholds.
+  """
   lo, hi = maps.min(), maps.max()
-  return np.arange(lo, hi, (hi - lo) / num_thresholds)
+  return np.arange(lo, hi, np.float64(hi - lo) / num_thresholds).astype(np.float32)
 
 
 def aupro_reference(maps: np.ndarray, masks: np.ndarray, *, max_fpr: float = 0.3,
@@ -56,6 +62,7 @@ def aupro_reference(maps: np.ndarray, masks: np.ndarray, *, max_fpr: float = 0.3
 
   keys: `score_sort.sorted_keys(maps)` if already computed (saves one sort).
   """
+  maps = np.asarray(maps, np.float32)
   regions, areas = label_regions(masks)
   num_regions = areas.size - 1
   n_normal = int(areas[0])

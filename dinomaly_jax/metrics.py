@@ -94,7 +94,7 @@ def class_metrics(scores, labels, maps, masks, *, aupro: str = "reference",
   """
   if aupro not in AUPRO_MODES:
     raise ValueError(f"eval.aupro must be one of {AUPRO_MODES}, got {aupro!r}.")
-  maps = np.asarray(maps)
+  maps = np.asarray(maps, np.float32)
   masks = np.asarray(masks)
   if maps.ndim != 3 or maps.shape != masks.shape or maps.shape[0] != np.size(scores):
     raise ValueError(f"Expected maps and masks of shape (N, H, W) with N = {np.size(scores)} "

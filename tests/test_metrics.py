@@ -82,10 +82,14 @@ def test_negative_zero_ties_with_zero():
 
 
 def _direct_reference_aupro(maps, masks, max_fpr, num):
-  """Dinomaly's definition, one labelling and one pass per threshold (skimage, 8-connected)."""
+  """Dinomaly's definition, one labelling and one pass per threshold (skimage, 8-connected).
+
+  Thresholds as numpy 1.x (the reference's) builds `arange(min, max, (max - min) / num)`
+  from float32 extremes: a float64 step, thresholds compared with the maps in float32.
+  """
   lo, hi = maps.min(), maps.max()
   fprs, pros = [], []
-  for th in np.arange(lo, hi, (hi - lo) / num):
+  for th in np.arange(lo, hi, np.float64(hi - lo) / num).astype(np.float32):
     binary = maps > th
     overlaps = [binary[i][tuple(region.coords.T)].sum() / region.area
                 for i in range(len(masks)) for region in measure.regionprops(measure.label(masks[i]))]
@@ -125,7 +129,7 @@ def test_aupro_reference_matches_direct(seed, levels, max_fpr):
 def test_aupro_reference_201_thresholds():
   rng = np.random.default_rng(3)
   masks = _blob_masks(rng, 6, 24, np.arange(6) >= 2)
-  lo, hi = np.float32(0.8132702), np.float32(0.91275555)  # arange yields 201 thresholds here
+  lo, hi = np.float32(0.31183144), np.float32(0.42332646)  # numpy 1.26 gives 201 thresholds here
   maps = (lo + (hi - lo) * _maps_for(rng, masks) / 2).astype(np.float32)
   maps.reshape(-1)[:2] = lo, hi
   assert aupro.reference_thresholds(maps, 200).size == 201
