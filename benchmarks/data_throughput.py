@@ -10,6 +10,7 @@ and machine.
 """
 import argparse
 import json
+import os
 import pathlib
 import tempfile
 import time
@@ -57,7 +58,9 @@ def main():
         rate = images_per_second(records, c, workers, args.batch_size, args.batches)
         results.append({"source": source, "workers": workers, "images_per_s": round(rate, 1),
                         "image_size": args.image_size, "resize": c.resize, "crop": c.crop,
-                        "batch_size": args.batch_size, "threads_per_process": pipeline.WORKER_THREADS if workers
+                        "batch_size": args.batch_size,
+                        "load_average_1min": round(os.getloadavg()[0], 2),  # shared machine
+                        "threads_per_process": pipeline.WORKER_THREADS if workers
                         else pipeline.IN_PROCESS_THREADS})
         print(json.dumps(results[-1]), flush=True)
   out = pathlib.Path(args.out)

@@ -47,12 +47,8 @@ def _png(array: np.ndarray) -> bytes:
 def _encode(args: tuple[Record, int]) -> tuple[bytes, bytes]:
   """One record -> PNG bytes of its resized image and binary mask."""
   record, resize = args
-  rgb = transforms.load_image(record.image_path)
-  if record.mask_path is None:
-    mask = np.zeros((resize, resize), np.uint8)
-  else:
-    mask = transforms.resize_mask(record.mask_path, rgb.shape[:2], resize)
-  return _png(transforms.resize_image(rgb, resize)), _png(mask)
+  image, mask = transforms.load_resized(record.image_path, record.mask_path, resize)
+  return _png(image), _png(mask)
 
 
 def write(records: dict[str, list[Record]], out_dir: str, resize: int, workers: int = 0,

@@ -41,13 +41,7 @@ class FolderReader:
     return transforms.resize_image(transforms.load_image(self._paths[i][0]), self._resize)
 
   def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:  # (R, R, 3), (R, R) uint8
-    image_path, mask_path = self._paths[i]
-    rgb = transforms.load_image(image_path)
-    if mask_path is None:
-      mask = np.zeros((self._resize, self._resize), np.uint8)
-    else:
-      mask = transforms.resize_mask(mask_path, rgb.shape[:2], self._resize)
-    return transforms.resize_image(rgb, self._resize), mask
+    return transforms.load_resized(*self._paths[i], self._resize)
 
 
 def make_reader(records: list[Record], data_config):

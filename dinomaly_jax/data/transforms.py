@@ -122,6 +122,16 @@ def resize_mask(path: str, image_size: tuple[int, int], resize: int) -> np.ndarr
   return positive.astype(np.uint8)
 
 
+def load_resized(image_path: str, mask_path: str | None, resize: int):
+  """An image and its mask (None = all zero) resized: uint8 (R, R, 3) and (R, R) in {0, 1}."""
+  rgb = load_image(image_path)
+  if mask_path is None:
+    mask = np.zeros((resize, resize), np.uint8)
+  else:
+    mask = resize_mask(mask_path, rgb.shape[:2], resize)
+  return resize_image(rgb, resize), mask
+
+
 def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
   """Source rows of torch `interpolate(mode="nearest")`: floor(dst * float32(in/out))."""
   if in_size == out_size:
