@@ -1,4 +1,6 @@
 """The JAX functions the benchmarks time: encoder, inference, train steps."""
+import time
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -75,13 +77,11 @@ class JaxDinomaly:
         lambda p, x: self.model.apply({"params": {"encoder": p}}, x,
                                       method=dinomaly.Dinomaly.encode))(
                                           self.state.encoder_params, images)
-    host = feature_cache.to_host({"bottleneck_input": bottleneck_input, "enc_groups": enc_groups},
+    return feature_cache.to_host({"bottleneck_input": bottleneck_input, "enc_groups": enc_groups},
                                  self.config.data.cache_dtype)
-    return host
 
 
 def _compiled(jitted, *args):
-  import time  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   compiled = jitted.lower(*args).compile()
   return compiled, time.perf_counter() - start

@@ -83,14 +83,15 @@ def build_cache(model: Dinomaly, encoder_params, records, data_config, mesh, *, 
   cache = jax.tree.map(lambda s: np.empty((len(shard), *s), dtype), shapes, is_leaf=_is_shape)
 
   # Every process runs the same number of batches (the longest shard's), padded at the end.
-  num_batches = -(-(-(-len(records) // process_count)) // batch_size)
+  longest_shard = -(-len(records) // process_count)
+  num_batches = -(-longest_shard // batch_size)
   reader = pipeline.make_reader(shard, data_config)
   blank = np.zeros((sizes.crop, sizes.crop, 3), np.float32)
   load = lambda i: (transforms.normalize_crop(reader.image(int(i)), sizes.crop)
                     if i < len(shard) else blank)
   images = (grain.MapDataset.range(num_batches * batch_size).map(load).batch(batch_size)
-            .to_iter_dataset(grain.ReadOptions(num_threads=pipeline.THREADS,
-                                               prefetch_buffer_size=pipeline.PREFETCH)))
+            .to_iter_dataset(grain.ReadOptions(num_threads=pipeline.IN_PROCESS_THREADS,
+                                               prefetch_buffer_size=2)))
   encode = jax.jit(lambda p, x: model.apply({"params": {"encoder": p}}, x, method=Dinomaly.encode))
   for b, batch in enumerate(images):
     bottleneck_input, enc_groups = encode(encoder_params,
@@ -99,8 +100,8 @@ def build_cache(model: Dinomaly, encoder_params, records, data_config, mesh, *, 
                    data_config.cache_dtype)
     start = b * batch_size
     stop = min(start + batch_size, len(shard))
-    if stop > start:
-      jax.tree.map(lambda c, r: c.__setitem__(slice(start, stop), r[:stop - start]), cache, rows)
+    for cached, new_rows in zip(jax.tree.leaves(cache), jax.tree.leaves(rows)):
+      cached[start:stop] = new_rows[:max(stop - start, 0)]
   return cache
 
 
