@@ -114,8 +114,9 @@ def test_softmax_block_matches_dinov2_block_and_linear_kinds_agree():
 def test_initialisation_as_reference():
   x = jnp.zeros((1, 5 + 9, 64))
   model = dec.Decoder(depth=2, num_heads=2)
-  params = model.init(jax.random.key(0), x, (3, 3))["params"]
-  params["bottleneck"] = dec.NoisyBottleneck().init(jax.random.key(1), x, train=False)["params"]
+  params = jax.jit(lambda r: model.init(r, x, (3, 3)))(jax.random.key(0))["params"]
+  params["bottleneck"] = jax.jit(lambda r: dec.NoisyBottleneck().init(r, x, train=False))(
+      jax.random.key(1))["params"]
   kernels = [v for path, v in jax.tree_util.tree_leaves_with_path(params)
              if path[-1].key == "kernel"]
   biases = [v for path, v in jax.tree_util.tree_leaves_with_path(params) if path[-1].key == "bias"]
@@ -126,7 +127,8 @@ def test_initialisation_as_reference():
   np.testing.assert_allclose(allk.std(), 0.00986, rtol=0.02)
   assert all(np.all(np.asarray(b) == 0) for b in biases)
   assert all(np.all(np.asarray(s) == 1) for s in scales)
-  conv = dec.Decoder(depth=1, conv_kernel=5).init(jax.random.key(2), x[:, 5:], (3, 3))["params"]
+  conv = jax.jit(lambda r: dec.Decoder(depth=1, conv_kernel=5).init(r, x[:, 5:], (3, 3)))(
+      jax.random.key(2))["params"]
   dw = np.asarray(conv["blocks_0"]["conv"]["dwconv"]["kernel"])
   assert dw.shape == (5, 5, 1, 128) and np.abs(dw).max() <= 1 / 5 and dw.std() > 0.1
 
@@ -170,13 +172,14 @@ def _model_and_params():
   model = Dinomaly(encoder=ENCODER, target_layers=(1, 2, 3, 4), fuse_groups=((0, 1), (2, 3)),
                    decoder_depth=4)
   images = jnp.asarray(RNG.standard_normal((2, 42, 28, 3)), jnp.float32)
-  params = _randomise(model.init(jax.random.key(0), images, train=False)["params"], seed=4)
+  init = jax.jit(lambda r: model.init(r, images, train=False))
+  params = _randomise(init(jax.random.key(0))["params"], seed=4)
   return model, params, images
 
 
 def test_model_groups_layers_and_reversed_blocks():
   model, params, images = _model_and_params()
-  enc_groups, dec_groups = model.apply({"params": params}, images, train=False)
+  enc_groups, dec_groups = jax.jit(lambda p: model.apply({"params": p}, images, train=False))(params)
   assert [g.shape for g in enc_groups + dec_groups] == [(2, 3, 2, 32)] * 4
   feats = ENCODER.apply({"params": params["encoder"]}, images, [1, 2, 3, 4])  # (B, 5 + 6, D)
   np.testing.assert_allclose(enc_groups[1], ((feats[2] + feats[3]) / 2)[:, 5:].reshape(2, 3, 2, 32),
@@ -194,8 +197,8 @@ def test_model_groups_layers_and_reversed_blocks():
 
 def test_encoder_gets_no_gradient_through_model():
   model, params, images = _model_and_params()
-  grads = jax.grad(lambda p: sum(jnp.sum(e) + jnp.sum(d) for e, d in zip(
-      *model.apply({"params": p}, images, train=False))))(params)
+  grads = jax.jit(jax.grad(lambda p: sum(jnp.sum(e) + jnp.sum(d) for e, d in zip(
+      *model.apply({"params": p}, images, train=False)))))(params)
   assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads["encoder"]))
   assert any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(grads["decoder"]))
 
