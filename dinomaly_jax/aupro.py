@@ -7,11 +7,11 @@ pixels scoring > t; FPR is the fraction of normal pixels scoring > t.
 
 - "reference" (Dinomaly utils.compute_pro): thresholds `np.arange(min, max,
   (max - min) / n)` over all maps of the class, with the numpy 1.x float semantics
-  the reference ran with (rounding can yield n + 1 of them); keep points with FPR < max_fpr; divide FPR by its own max;
-  trapezoid area. Pixels above each threshold are counted by binary search in the
-  sorted pixel keys; anomalous pixels are binned once by `searchsorted` into the
-  thresholds they exceed, one bincount gives per-region counts per bin, a reversed
-  cumsum the counts above every threshold.
+  the reference ran with (rounding can yield n + 1 of them); keep points with
+  FPR < max_fpr; divide FPR by its own max; trapezoid area. Pixels above each
+  threshold are counted by binary search in the sorted pixel keys; anomalous pixels
+  are binned once by `searchsorted` into the thresholds they exceed, one bincount
+  gives per-region counts per bin, a reversed cumsum the counts above every threshold.
 - "mvtec" (MVTec-AD evaluation code): the exact curve over every distinct score,
   from (0, 0) to (1, 1), integrated up to FPR = max_fpr (the last segment
   interpolated), divided by max_fpr. One walk over the sorted pixel keys.
