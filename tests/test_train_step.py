@@ -143,7 +143,12 @@ def _parity_main():
                               for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
   diff = max_diff(one.params, four.params)
   moved = max_diff(one.params, _initial_state(lr=2e-4).params)
-  print(json.dumps({"max_abs_diff": diff, "moved": moved}))
+  try:
+    sharding.global_batch({"image": np.zeros((6, 2), np.float32)}, sharding.make_mesh())
+    uneven_rejected = False
+  except ValueError:
+    uneven_rejected = True
+  print(json.dumps({"max_abs_diff": diff, "moved": moved, "uneven_rejected": uneven_rejected}))
 
 
 def test_four_devices_match_one_device():
@@ -155,4 +160,22 @@ def test_four_devices_match_one_device():
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report["moved"] > 1e-4  # the steps changed the parameters
+  assert report["uneven_rejected"]  # 6 rows cannot split over 4 devices
   assert report["max_abs_diff"] <= 1e-5, report  # measured 1.4e-6 (lr 2e-4; params move 6e-4)
+
+
+def test_distributed_start_up_reads_the_environment(monkeypatch):
+  for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+              "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(key, raising=False)
+  assert sharding.maybe_initialize_distributed() is False
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")  # a single-host TPU VM
+  assert sharding.maybe_initialize_distributed() is False
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+  with pytest.raises(ValueError, match="JAX_NUM_PROCESSES, JAX_PROCESS_ID"):
+    sharding.maybe_initialize_distributed()
+
+
+def test_global_batch_rejects_a_scalar():
+  with pytest.raises(ValueError, match="train.batch_size"):
+    sharding.global_batch({"image": np.zeros((), np.float32)}, sharding.make_mesh())
