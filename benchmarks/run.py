@@ -33,7 +33,7 @@ FULL_GRID = [
     ("base", 392, (1, 8), 4),
 ]
 QUICK_GRID = [("small", 224, (1,), 2)]
-TASKS = ("encoder", "inference", "train", "train_cached")
+TASKS = ("encoder", "inference", "train", "train_cached", "train_e2e")
 
 
 @dataclasses.dataclass
@@ -160,6 +160,14 @@ def bench_size(vit, size, batches, train_batch, tasks, repeats, rss, with_torch)
       rows.append(Row("cached_vs_uncached", vit, size, train_batch, step_seconds["train_cached"],
                       step_seconds["train"], 0.0, None, None, None, baseline="jax uncached"))
       print(report.row_line(rows[-1]), flush=True)
+  if "train_e2e" in tasks:
+    from benchmarks import e2e_training  # pylint: disable=g-import-not-at-top
+    result = e2e_training.bench(jm, steps=repeats)
+    rows.append(Row("e2e_cached_vs_images", vit, size, train_batch, result["cached_s"],
+                    result["images_s"], result["cache_build_s"], None, None, None,
+                    baseline="jax image pipeline"))
+    print(report.row_line(rows[-1]), f"(cache of {result['cache_images']} images built in "
+          f"{result['cache_build_s']:.1f}s, compile included)", flush=True)
   return rows
 
 
@@ -170,7 +178,8 @@ def main(argv=None):
   parser.add_argument("--vit", nargs="*", choices=("small", "base", "large"),
                       help="only these ViT sizes")
   parser.add_argument("--size", nargs="*", type=int, help="only these input sizes")
-  parser.add_argument("--tasks", nargs="*", choices=TASKS, default=list(TASKS))
+  parser.add_argument("--tasks", nargs="*", choices=TASKS,
+                      help="default: all (--quick: all but train_e2e)")
   parser.add_argument("--repeats", type=int, default=None, help="timed calls per figure")
   parser.add_argument("--no-torch", action="store_true", help="JAX figures only")
   parser.add_argument("--torch-threads", default="auto",
@@ -184,6 +193,7 @@ def main(argv=None):
     parser.error("--vit/--size select nothing from the grid "
                  f"{[(g[0], g[1]) for g in (QUICK_GRID if args.quick else FULL_GRID)]}.")
   repeats = args.repeats or (1 if args.quick else 3)
+  tasks = args.tasks or (TASKS[:-1] if args.quick else TASKS)
   facts = timing.machine_facts()
   if not args.no_torch:
     facts.update(pick_torch_threads(args.torch_threads, grid[0][0], grid[0][1]))
@@ -193,7 +203,7 @@ def main(argv=None):
   rows = []
   try:
     for vit, size, batches, train_batch in grid:
-      rows += bench_size(vit, size, batches, train_batch, args.tasks, repeats, rss,
+      rows += bench_size(vit, size, batches, train_batch, tasks, repeats, rss,
                          not args.no_torch)
   finally:
     rss.close()
