@@ -23,6 +23,7 @@ from benchmarks import timing
 from benchmarks.jax_dinomaly import JaxDinomaly, make_config
 from dinomaly_jax import feature_cache
 from dinomaly_jax import sharding
+from dinomaly_jax.models import attention
 
 # (vit, image size, encoder/inference batches, train batch). Train batches are small
 # because a CPU step at 392 takes tens of seconds; the GPU check uses the protocol's 16.
@@ -33,7 +34,7 @@ FULL_GRID = [
     ("base", 392, (1, 8), 4),
 ]
 QUICK_GRID = [("small", 224, (1,), 2)]
-TASKS = ("encoder", "inference", "train", "train_cached", "train_e2e")
+TASKS = ("attention", "encoder", "inference", "train", "train_cached", "train_e2e")
 
 
 @dataclasses.dataclass
@@ -95,6 +96,12 @@ def pick_torch_threads(choice: str, vit: str, size: int) -> dict:
           "torch_threads_probe_s": {str(k): round(v, 4) for k, v in seconds.items()}}
 
 
+def _compiled_attention(impl, q, k, v):
+  start = time.perf_counter()
+  fn = jax.jit(lambda *a: attention.dot_product_attention(*a, impl=impl)).lower(q, k, v).compile()
+  return fn, time.perf_counter() - start
+
+
 def bench_size(vit, size, batches, train_batch, tasks, repeats, rss, with_torch):
   rows = []
   jm = JaxDinomaly(make_config(vit, size, train_batch))
@@ -114,6 +121,16 @@ def bench_size(vit, size, batches, train_batch, tasks, repeats, rss, with_torch)
     print(report.row_line(row), flush=True)
 
   for batch in batches:
+    if "attention" in tasks:  # the encoder's softmax attention alone, per implementation
+      enc = jm.model.encoder
+      shape = (batch, 1 + enc.num_registers + (size // enc.patch_size)**2, enc.num_heads,
+               enc.embed_dim // enc.num_heads)
+      q, k, v = (jax.random.normal(key, shape) for key in jax.random.split(jax.random.key(0), 3))
+      tq, tk, tv = (tm and tm.to_heads_first(np.array(x)) for x in (q, k, v))
+      for impl in ("auto", "xla"):
+        fn, compile_s = _compiled_attention(impl, q, k, v)
+        add(f"attention_{impl}", batch, lambda fn=fn: jax.block_until_ready(fn(q, k, v)),
+            tm and (lambda: tm.attention(tq, tk, tv)), compile_s)
     images = jm.images(batch)
     host_images = np.array(images)
     if "encoder" in tasks:
@@ -193,7 +210,7 @@ def main(argv=None):
     parser.error("--vit/--size select nothing from the grid "
                  f"{[(g[0], g[1]) for g in (QUICK_GRID if args.quick else FULL_GRID)]}.")
   repeats = args.repeats or (1 if args.quick else 3)
-  tasks = args.tasks or (TASKS[:-1] if args.quick else TASKS)
+  tasks = args.tasks or ([t for t in TASKS if t != "train_e2e"] if args.quick else TASKS)
   facts = timing.machine_facts()
   if not args.no_torch:
     facts.update(pick_torch_threads(args.torch_threads, grid[0][0], grid[0][1]))

@@ -162,6 +162,15 @@ class TorchTwin:
   def _nchw(images):
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
+  @staticmethod
+  def to_heads_first(x):  # (B, N, heads, head_dim) numpy -> (B, heads, N, head_dim) torch
+    return torch.from_numpy(x).transpose(1, 2).contiguous()
+
+  @staticmethod
+  def attention(q, k, v):
+    with torch.inference_mode():
+      return F.scaled_dot_product_attention(q, k, v)
+
   def encoder_forward(self, images):
     with torch.inference_mode():
       return self.model.encoder(self._nchw(images))
