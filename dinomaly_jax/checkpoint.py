@@ -25,6 +25,10 @@ class IncompatibleWorkdirError(RuntimeError):
   """The work directory holds a run of a different configuration."""
 
 
+def _is_free(field: str) -> bool:
+  return any(field == f or (f.endswith(".") and field.startswith(f)) for f in _FREE_FIELDS)
+
+
 def _flatten(d, prefix=""):
   out = {}
   for k, v in d.items():
@@ -49,7 +53,7 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
   now = _flatten(_as_plain(config))
   diffs = [f"  config.{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
            for k in sorted(set(saved) | set(now))
-           if saved.get(k) != now.get(k) and not k.startswith(_FREE_FIELDS)]
+           if saved.get(k) != now.get(k) and not _is_free(k)]
   if diffs:
     raise IncompatibleWorkdirError(
         f"The work directory {workdir} holds a run with a different configuration "

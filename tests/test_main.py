@@ -1,0 +1,174 @@
+"""End to end: train -> report, pictures, checkpoints; eval, predict, export; resume; refusals."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from dinomaly_jax import checkpoint
+from dinomaly_jax import evaluate
+from dinomaly_jax import model_state
+from dinomaly_jax import run
+from dinomaly_jax import sharding
+from dinomaly_jax import train as train_lib
+from dinomaly_jax import train_step
+from dinomaly_jax.data import transforms
+from tests import main_helpers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+  return main_helpers.tiny_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def trained(data_root, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = main_helpers.tiny_config(data_root)
+  result = run.run(config, workdir)
+  return config, workdir, result
+
+
+def _params(config, workdir):
+  _, state = model_state.load_trained(config, workdir, sharding.make_mesh())
+  return jax.device_get(state.params)
+
+
+def test_train_writes_report_thresholds_pictures_logs(trained):
+  config, workdir, result = trained
+  with open(os.path.join(workdir, "eval", "report.json")) as f:
+    report = json.load(f)
+  assert set(report["classes"]) == {"brick", "nut"}
+  for name in ("brick", "nut"):
+    assert all(0.0 <= v <= 1.0 for v in report["classes"][name].values())
+  assert report["classes"] == result["classes"]
+  with open(os.path.join(workdir, "eval", "report.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert [r["class"] for r in rows][:2] == ["brick", "nut"]
+  assert "| brick |" in open(os.path.join(workdir, "eval", "report.md")).read()
+  with open(os.path.join(workdir, evaluate.THRESHOLDS_FILE)) as f:
+    thresholds = json.load(f)
+  assert set(thresholds) == {"brick", "nut", evaluate.POOLED}
+  pictures = os.listdir(os.path.join(workdir, "eval", "pictures", "brick"))
+  assert len([p for p in pictures if p.endswith(".png")]) >= 3  # 2 strips + score plots
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    logged = [json.loads(line) for line in f]
+  assert [m["step"] for m in logged] == [2, 3, 4, 6]  # log_every 2, plus checkpoint step 3
+  assert all(math.isfinite(m["loss"]) and {"p", "lr"} <= set(m) for m in logged)
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+
+
+def test_eval_mode_reproduces_the_final_report(trained):
+  config, workdir, result = trained
+  c = config.copy_and_resolve_references()
+  c.mode = "eval"
+  again = run.run(c, workdir)
+  for name, metrics in result["classes"].items():
+    for key, value in metrics.items():
+      assert again["classes"][name][key] == pytest.approx(value, abs=1e-6), (name, key)
+
+
+def test_predict_writes_scores_decisions_heatmaps(trained, data_root, tmp_path):
+  config, workdir, _ = trained
+  c = config.copy_and_resolve_references()
+  c.mode = "predict"
+  c.predict.input = os.path.join(data_root, "nut", "test")
+  c.predict.output = str(tmp_path)
+  rows = run.run(c, workdir)
+  thresholds = json.load(open(os.path.join(workdir, evaluate.THRESHOLDS_FILE)))
+  assert len(rows) == 6
+  with open(tmp_path / "predictions.csv") as f:
+    written = list(csv.DictReader(f))
+  assert [r["image"] for r in written] == [r["image"] for r in rows]
+  for r in written:
+    assert r["class"] == "nut" and float(r["threshold"]) == pytest.approx(thresholds["nut"])
+    assert r["decision"] == ("anomalous" if float(r["score"]) >= float(r["threshold"]) else "normal")
+    assert os.path.getsize(r["heatmap"]) > 0
+
+
+def test_predict_rejects_an_empty_input(trained, tmp_path):
+  config, workdir, _ = trained
+  c = config.copy_and_resolve_references()
+  c.mode = "predict"
+  c.predict.input = str(tmp_path / "*.png")
+  with pytest.raises(Exception, match="no images"):
+    run.run(c, workdir)
+
+
+def test_export_reloads_and_gives_the_same_maps(trained, data_root):
+  config, workdir, _ = trained
+  c = config.copy_and_resolve_references()
+  c.mode = "export"
+  out = run.run(c, workdir)
+  paths = sorted(os.path.join(data_root, "brick", "test", "hole", p)
+                 for p in os.listdir(os.path.join(data_root, "brick", "test", "hole")))[:3]
+  images = np.stack([transforms.preprocess_image(transforms.load_image(p), config.data) for p in paths])
+  np.save(os.path.join(out, "probe.npy"), images)
+  # The loader runs in a fresh interpreter that never imports the training code.
+  script = (
+      "import sys, importlib.util, numpy as np\n"
+      f"spec = importlib.util.spec_from_file_location('m', {os.path.join(REPO, 'dinomaly_jax', 'exported_model.py')!r})\n"
+      "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+      f"fn, info = m.load({out!r})\n"
+      f"maps, scores = fn(np.load({os.path.join(out, 'probe.npy')!r}))\n"
+      f"np.savez({os.path.join(out, 'probe_out.npz')!r}, maps=np.asarray(maps), scores=np.asarray(scores))\n"
+      "assert not any(k.startswith('dinomaly_jax') for k in sys.modules), sorted(sys.modules)\n")
+  subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+  exported = np.load(os.path.join(out, "probe_out.npz"))
+  model, state = model_state.load_trained(config, workdir, sharding.make_mesh())
+  maps, scores = evaluate.make_map_fn(model, config)(model_state.variables(state), images)
+  # The export uses the plain XLA attention; the run's own path may be blocked attention.
+  np.testing.assert_allclose(exported["maps"], np.asarray(maps), atol=1e-5)
+  np.testing.assert_allclose(exported["scores"], np.asarray(scores), atol=1e-5)
+
+
+def test_resume_follows_the_uninterrupted_trajectory(data_root, tmp_path):
+  straight = main_helpers.tiny_config(data_root, steps=20, checkpoint_every=10)
+  run.run(straight, str(tmp_path / "straight"))
+  split = main_helpers.tiny_config(data_root, steps=20, checkpoint_every=10, stop_after=10)
+  run.run(split, str(tmp_path / "split"))  # stops (and checkpoints) after step 10
+  assert sorted(os.listdir(tmp_path / "split" / "checkpoints")) == ["10"]
+  run.run(split, str(tmp_path / "split"))  # resumes at step 10, runs to 20
+  a = _params(straight, str(tmp_path / "straight"))
+  b = _params(split, str(tmp_path / "split"))
+  diff = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert diff <= 1e-6, diff
+
+
+def test_incompatible_workdir_is_refused(trained):
+  config, workdir, _ = trained
+  c = config.copy_and_resolve_references()
+  c.model.decoder_depth = 10
+  c.train.lr = 1e-3
+  with pytest.raises(checkpoint.IncompatibleWorkdirError) as e:
+    run.run(c, workdir)
+  message = str(e.value)
+  assert "config.model.decoder_depth: saved 8, now 10" in message
+  assert "config.train.lr: saved 0.002, now 0.001" in message
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_path, monkeypatch):
+  make = train_step.make_train_step
+
+  def poisoned(*args, **kwargs):
+    step_fn = make(*args, **kwargs)
+
+    def wrapped(state, batch):
+      state, metrics = step_fn(state, batch)
+      nan_now = state.step == 5  # the 5th step produces a NaN loss
+      return state, dict(metrics, loss=jax.numpy.where(nan_now, jax.numpy.nan, metrics["loss"]))
+    return wrapped
+
+  monkeypatch.setattr(train_step, "make_train_step", poisoned)
+  config = main_helpers.tiny_config(data_root, steps=6)
+  with pytest.raises(train_lib.NonFiniteLossError, match="nan at step 5.*last good checkpoint is step 3"):
+    run.run(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
