@@ -1,11 +1,10 @@
 """grain pipelines: endless shuffled training batches and padded, sharded evaluation batches.
 
-Training: this process's shard of the records (records[process_index::process_count], so
-every process holds every class), a seeded shuffle that changes each epoch, decode,
-resize, centre crop, normalise, batches dropping each epoch's remainder (the reference's
-drop_last), repeated forever. Batches are made before the work is split over worker
-processes, so their content does not depend on the number of workers; `start_step`
-skips that many batches in O(1) to resume exactly.
+Training: a seeded shuffle of all records that changes each epoch, cut into global batches
+(dropping each epoch's remainder, the reference's drop_last), repeated forever; process p
+decodes, resizes, centre-crops and normalises its slice [p*B, (p+1)*B) of each global batch.
+So the global batches are the same for any number of processes and workers, and
+`start_step` skips that many batches in O(1) to resume exactly.
 
 Evaluation runs in this process with threads (PIL decodes and resizes without holding the
 GIL): worker processes would start once per class, which costs more than a class's test
@@ -52,14 +51,16 @@ def make_reader(records: list[Record], data_config):
   return FolderReader(records, sizes)
 
 
-class _TrainExample:
-  """Position in the shard -> {"image": float32 (crop, crop, 3)}."""
+class _TrainBatch:
+  """Record positions of one global batch -> this process's {"image": (b, crop, crop, 3)}."""
 
-  def __init__(self, reader, sizes: transforms.Sizes):
-    self._reader, self._crop = reader, sizes.crop
+  def __init__(self, reader, sizes: transforms.Sizes, start: int, size: int):
+    self._reader, self._crop, self._start, self._size = reader, sizes.crop, start, size
 
-  def __call__(self, i):
-    return {"image": transforms.normalize_crop(self._reader.image(int(i)), self._crop)}
+  def __call__(self, positions):
+    mine = positions[self._start:self._start + self._size]
+    return {"image": np.stack([transforms.normalize_crop(self._reader.image(int(i)), self._crop)
+                               for i in mine])}
 
 
 class _EvalExample:
@@ -118,18 +119,17 @@ def train_iterator(records: list[Record], data_config, *, batch_size: int, seed:
     workers: grain worker processes; None = data_config.workers, 0 = in-process threads.
     start_step: number of batches to skip (resuming from a checkpoint).
   """
-  shard = records[process_index::process_count]
-  if len(shard) < batch_size:
-    raise DataError(f"Process {process_index} of {process_count} has {len(shard)} training "
-                    f"images, fewer than its batch of {batch_size}; expected at least "
-                    f"{batch_size * process_count} training images or a smaller "
+  global_batch = batch_size * process_count
+  if len(records) < global_batch:
+    raise DataError(f"{len(records)} training images are fewer than one global batch of "
+                    f"{global_batch} ({process_count} processes x {batch_size}); use a smaller "
                     "config.train.batch_size.")
-  sizes = transforms.Sizes.of(data_config)
-  ds = (grain.MapDataset.range(len(shard))
+  ds = (grain.MapDataset.range(len(records))
         .shuffle(seed=seed % 2**32)
-        .map(_TrainExample(make_reader(shard, data_config), sizes))
-        .batch(batch_size, drop_remainder=True)
+        .batch(global_batch, drop_remainder=True)
         .repeat())[start_step:]
+  ds = ds.map(_TrainBatch(make_reader(records, data_config), transforms.Sizes.of(data_config),
+                          process_index * batch_size, batch_size))
   workers = data_config.workers if workers is None else workers
   return _iterate(ds, workers)
 
