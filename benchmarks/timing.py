@@ -57,16 +57,21 @@ def _malloc_trim():
     pass
 
 
-def interleaved_seconds(fns: dict, repeats: int) -> dict:
+def interleaved_times(fns: dict, repeats: int) -> dict:
   """Calls each (already warm) fn `repeats` times, alternating between them so that
-  load from other processes hits all alike; returns the median seconds per call."""
+  load from other processes hits all alike; returns each fn's list of seconds."""
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
       start = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+  return times
+
+
+def interleaved_seconds(fns: dict, repeats: int) -> dict:
+  """The median seconds per call of interleaved_times."""
+  return {name: statistics.median(t) for name, t in interleaved_times(fns, repeats).items()}
 
 
 def device_peak_bytes():
