@@ -3,7 +3,7 @@
 With no augmentation and a frozen encoder, an image's bottleneck input (mean of the
 target layers over all tokens, (N, D)) and its group targets (one (h, w, D) map per
 fuse group) never change. `config.data.cache_features` computes them once, keeps them
-in host memory in `config.data.cache_dtype` (bfloat16 by default: half the memory,
+in host memory (all rows on every process) in `config.data.cache_dtype` (bfloat16 by default: half the memory,
 about 3 significant digits; float32 reproduces the uncached run to float noise), and
 trains the bottleneck and decoder from them through the train step's `from_features`
 path, batch for batch in the same shuffled order as the image pipeline.
@@ -13,6 +13,7 @@ import itertools
 import grain
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_dtypes
 import numpy as np
 
@@ -49,7 +50,7 @@ def describe(num_images: int, shapes: dict, dtype) -> str:
   parts = " + ".join(["x".join(map(str, shapes["bottleneck_input"])) + " bottleneck input",
                       f"{len(groups)} x " + "x".join(map(str, groups[0])) + " group targets"])
   return (f"Caching encoder features: {num_images:,} images x ({parts}) in "
-          f"{np.dtype(dtype).name} = {total / 2**30:.2f} GiB of host memory.")
+          f"{np.dtype(dtype).name} = {total / 2**30:.2f} GiB of host memory per process.")
 
 
 def _is_shape(x) -> bool:
@@ -57,61 +58,63 @@ def _is_shape(x) -> bool:
 
 
 def to_host(features, dtype_name: str):
-  """Pytree of global arrays -> this process's rows as numpy arrays in the cache dtype."""
+  """Pytree of global arrays -> every row, on every process, as numpy in the cache dtype."""
   dtype = cache_dtype(dtype_name)
-
-  def local_rows(x):
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-    rows = [np.asarray(s.data) for s in shards if s.replica_id == 0]
-    return np.concatenate(rows).astype(dtype)
-
-  return jax.tree.map(local_rows, features)
+  return jax.tree.map(
+      lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)).astype(dtype),
+      features)
 
 
 def build_cache(model: Dinomaly, encoder_params, records, data_config, mesh, *, batch_size: int,
                 process_index: int = 0, process_count: int = 1) -> dict:
-  """Encodes this process's shard records[process_index::process_count] once, in order.
+  """Encodes every record once, in order; every process keeps every row (the image
+  pipeline may hand any record to any process).
 
-  batch_size is the per-process batch. Returns {"bottleneck_input": (n, N, D),
-  "enc_groups": [(n, h, w, D), ...]} numpy arrays in data_config.cache_dtype.
+  batch_size is the per-process batch: process p encodes rows [p*B, (p+1)*B) of each
+  global batch. Returns {"bottleneck_input": (n, N, D), "enc_groups": [(n, h, w, D), ...]}
+  numpy arrays in data_config.cache_dtype.
   """
   dtype = cache_dtype(data_config.cache_dtype)
-  shard = records[process_index::process_count]
   sizes = transforms.Sizes.of(data_config)
   shapes = feature_shapes(model, (sizes.crop, sizes.crop))
-  print(describe(len(shard), shapes, dtype), flush=True)
-  cache = jax.tree.map(lambda s: np.empty((len(shard), *s), dtype), shapes, is_leaf=_is_shape)
+  print(describe(len(records), shapes, dtype), flush=True)
+  cache = jax.tree.map(lambda s: np.empty((len(records), *s), dtype), shapes, is_leaf=_is_shape)
 
-  # Every process runs the same number of batches (the longest shard's), padded at the end.
-  longest_shard = -(-len(records) // process_count)
-  num_batches = -(-longest_shard // batch_size)
-  reader = pipeline.make_reader(shard, data_config)
+  global_batch = batch_size * process_count
+  num_batches = -(-len(records) // global_batch)  # the last one padded with blank images
+  positions = [g * global_batch + process_index * batch_size + j
+               for g in range(num_batches) for j in range(batch_size)]
+  reader = pipeline.make_reader(records, data_config)
   blank = np.zeros((sizes.crop, sizes.crop, 3), np.float32)
   load = lambda i: (transforms.normalize_crop(reader.image(int(i)), sizes.crop)
-                    if i < len(shard) else blank)
-  images = (grain.MapDataset.range(num_batches * batch_size).map(load).batch(batch_size)
+                    if i < len(records) else blank)
+  images = (grain.MapDataset.source(positions).map(load).batch(batch_size)
             .to_iter_dataset(grain.ReadOptions(num_threads=pipeline.IN_PROCESS_THREADS,
                                                prefetch_buffer_size=2)))
   encode = jax.jit(lambda p, x: model.apply({"params": {"encoder": p}}, x, method=Dinomaly.encode))
-  for b, batch in enumerate(images):
+  for g, batch in enumerate(images):
     bottleneck_input, enc_groups = encode(encoder_params,
                                           sharding.global_batch({"x": batch}, mesh)["x"])
     rows = to_host({"bottleneck_input": bottleneck_input, "enc_groups": enc_groups},
                    data_config.cache_dtype)
-    start = b * batch_size
-    stop = min(start + batch_size, len(shard))
+    start = g * global_batch
+    stop = min(start + global_batch, len(records))
     for cached, new_rows in zip(jax.tree.leaves(cache), jax.tree.leaves(rows)):
-      cached[start:stop] = new_rows[:max(stop - start, 0)]
+      cached[start:stop] = new_rows[:stop - start]
   return cache
 
 
-def cached_batches(cache: dict, *, batch_size: int, seed: int, start_step: int = 0):
-  """Endless batches of cached rows, in exactly the order of pipeline.train_iterator."""
+def cached_batches(cache: dict, *, batch_size: int, seed: int, start_step: int = 0,
+                   process_index: int = 0, process_count: int = 1):
+  """Endless per-process batches of cached rows, in the order of pipeline.train_iterator:
+  a seeded shuffle of all rows per epoch, global batches (remainder dropped), process p
+  taking rows [p*B, (p+1)*B) of each."""
   num = cache["bottleneck_input"].shape[0]
   order = (grain.MapDataset.range(num).shuffle(seed=seed % 2**32)
-           .batch(batch_size, drop_remainder=True).repeat())[start_step:]
+           .batch(batch_size * process_count, drop_remainder=True).repeat())[start_step:]
+  mine = slice(process_index * batch_size, (process_index + 1) * batch_size)
   for step in itertools.count():
-    rows = np.asarray(order[step])
+    rows = np.asarray(order[step])[mine]
     yield jax.tree.map(lambda c, rows=rows: c[rows], cache)
 
 
@@ -129,13 +132,12 @@ def cached_training(config, model: Dinomaly, encoder_params, records, mesh, star
   """
   n_proc, p_index = jax.process_count(), jax.process_index()
   local_batch = config.train.batch_size // n_proc
-  shard_size = len(records[p_index::n_proc])
-  if shard_size < local_batch:
-    raise DataError(f"Process {p_index} has {shard_size} training images, fewer than its "
-                    f"batch of {local_batch}; expected more images or a smaller "
-                    "config.train.batch_size.")
+  if len(records) < config.train.batch_size:
+    raise DataError(f"{len(records)} training images are fewer than one global batch of "
+                    f"{config.train.batch_size}; use a smaller config.train.batch_size.")
   cache = build_cache(model, encoder_params, records, config.data, mesh, batch_size=local_batch,
                       process_index=p_index, process_count=n_proc)
-  batches = cached_batches(cache, batch_size=local_batch, seed=config.seed, start_step=start_step)
+  batches = cached_batches(cache, batch_size=local_batch, seed=config.seed, start_step=start_step,
+                           process_index=p_index, process_count=n_proc)
   step = train_step.make_train_step(model, config, mesh, from_features=True)
   return batches, lambda state, batch: step(state, to_float32(batch))

@@ -105,6 +105,17 @@ def test_batches_follow_the_image_pipeline_and_resume():
   np.testing.assert_array_equal(resumed["bottleneck_input"], first[5]["bottleneck_input"])
 
 
+def test_processes_take_slices_of_each_global_batch():
+  cache = {"bottleneck_input": np.arange(10), "enc_groups": [np.arange(10)]}
+  one = feature_cache.cached_batches(cache, batch_size=4, seed=5)
+  two = [feature_cache.cached_batches(cache, batch_size=2, seed=5, process_index=p,
+                                      process_count=2) for p in (0, 1)]
+  for _ in range(5):
+    np.testing.assert_array_equal(
+        next(one)["bottleneck_input"],
+        np.concatenate([next(two[0])["bottleneck_input"], next(two[1])["bottleneck_input"]]))
+
+
 def test_memory_cost_line():
   shapes = feature_cache.feature_shapes(MODEL, (IMAGE, IMAGE))
   assert shapes == {"bottleneck_input": (14, 32), "enc_groups": [(3, 3, 32)] * 2}
