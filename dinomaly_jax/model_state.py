@@ -40,7 +40,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, mesh, step: in
   """
   checkpoint.check_compatible(workdir, config)
   model, state, trained = build(config)
-  state = jax.device_put(state, sharding.replicated(mesh))
+  state = sharding.replicate(state, mesh)
   if not os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):
     if trained:
       return model, state

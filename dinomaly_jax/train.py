@@ -30,7 +30,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   test_records = data_index.build_records(config.data, "test")  # fail early on bad test data
   mesh = sharding.make_mesh()
   model, state, _ = model_state.build(config)
-  state = jax.device_put(state, sharding.replicated(mesh))
+  state = sharding.replicate(state, mesh)
   mngr = checkpoint.manager(workdir, config)
   start = mngr.latest_step() or 0
   if start:

@@ -172,3 +172,16 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_
   with pytest.raises(train_lib.NonFiniteLossError, match="nan at step 5.*last good checkpoint is step 3"):
     run.run(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+
+
+def test_demo_command_line(tmp_path):
+  """The README's demo command, shortened: generates data, trains, evaluates, says it is random."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "dinomaly_jax.main", "--config=configs/demo.py:steps=4,crop=56",
+       f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "RANDOM encoder" in proc.stdout
+  report = json.load(open(tmp_path / "eval" / "report.json"))
+  assert set(report["classes"]) == {"brick", "grass", "nut", "pill"}
+  assert report["extra"]["random_encoder"] is True
+  assert os.path.exists(tmp_path / "eval" / "pictures" / "pill" / "scores.png")
