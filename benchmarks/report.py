@@ -35,7 +35,8 @@ def markdown(facts: dict, rows) -> str:
            f"- Hardware: {facts['cpu']}, {facts['cpu_cores']} cores, {facts['memory_gib']} GiB; "
            f"JAX backend {facts['jax_backend']} ({', '.join(sorted(set(facts['devices'])))})",
            f"- Versions: python {facts['python']}, jax {facts['jax']}, flax {facts['flax']}, "
-           f"torch {facts.get('torch', '-')} ({facts.get('torch_threads', '-')} threads)",
+           f"torch {facts.get('torch', '-')} (timed with {facts.get('torch_threads', '-')} "
+           "intra-op threads, the faster kept per call)",
            f"- float32 matmul 1024^3 GFLOP/s: {facts.get('matmul_gflops')}",
            f"- Fastest of {facts['repeats']} calls after a warm-up (JSON: every call); JAX and "
            f"torch calls alternate. Ratio = baseline time / JAX time (> 1: JAX faster). Wall time "

@@ -64,40 +64,23 @@ def _mib(x):
   return None if x is None else round(x / 2**20, 1)
 
 
-def measure(jax_fn, torch_fn, repeats: int, rss: timing.PeakRss):
-  """Warm-up calls (sampling peak memory), then interleaved timing; torch_fn may be None."""
+def measure(jax_fn, torch_fn, repeats: int, rss: timing.PeakRss, torch_threads=()):
+  """Warm-up calls (sampling memory), then interleaved timing -> (times per fn, JAX RSS
+  growth, torch RSS growth). torch_fn (may be None) runs once per thread count in
+  `torch_threads`: OpenMP on every core is fastest on an idle machine but many times
+  slower when other processes share the cores, so each torch figure is its best."""
   fns = {"jax": jax_fn}
   _, jax_peak = rss.measure(jax_fn)
   torch_peak = None
-  if torch_fn is not None:
-    _, torch_peak = rss.measure(torch_fn)
-    fns["torch"] = torch_fn
+  for threads in torch_threads if torch_fn is not None else ():
+    def with_threads(threads=threads):
+      import torch  # pylint: disable=g-import-not-at-top
+      torch.set_num_threads(threads)
+      return torch_fn()
+    fns[f"torch_{threads}t"] = with_threads
+    _, peak = rss.measure(with_threads)
+    torch_peak = peak if torch_peak is None else max(torch_peak, peak)
   return timing.interleaved_times(fns, repeats), jax_peak, torch_peak
-
-
-def pick_torch_threads(choice: str, vit: str, size: int) -> dict:
-  """Sets torch's intra-op threads: `choice`, or for "auto" the faster of 1 and all cores
-  on a ViT encoder forward (OpenMP with every core slows down many times when other
-  processes share the cores; XLA's thread pool does not)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from benchmarks import torch_dinomaly  # pylint: disable=g-import-not-at-top
-  if choice != "auto":
-    torch.set_num_threads(int(choice))
-    return {"torch_threads": int(choice)}
-  encoder = torch_dinomaly.TorchEncoder(vit, 4, [2])
-  images = torch.randn(1, 3, size, size)
-  counts = sorted({1, os.cpu_count() or 1})
-  seconds = {}
-  for threads in counts * 2:  # twice each, alternating; keep the best
-    torch.set_num_threads(threads)
-    with torch.inference_mode():
-      start = time.perf_counter()
-      encoder(images)
-      seconds[threads] = min(seconds.get(threads, 1e9), time.perf_counter() - start)
-  best = min(seconds, key=seconds.get)
-  torch.set_num_threads(best)
-  return {"torch_threads": best,
-          "torch_threads_probe_s": {str(k): round(v, 4) for k, v in seconds.items()}}
 
 
 def _compiled_attention(impl, q, k, v):
@@ -106,11 +89,11 @@ def _compiled_attention(impl, q, k, v):
   return fn, time.perf_counter() - start
 
 
-def bench_size(vit, size, batches, train_batch, tasks, repeats, rss, with_torch):
+def bench_size(vit, size, batches, train_batch, tasks, repeats, rss, torch_threads):
   rows = []
   jm = JaxDinomaly(make_config(vit, size, train_batch))
   tm = None
-  if with_torch:
+  if torch_threads:
     from benchmarks import torch_dinomaly  # pylint: disable=g-import-not-at-top
     cfg = jm.config.model
     tm = torch_dinomaly.TorchTwin(vit, cfg.registers, cfg.target_layers, cfg.fuse_groups,
@@ -118,9 +101,9 @@ def bench_size(vit, size, batches, train_batch, tasks, repeats, rss, with_torch)
 
   def add(task, batch, jax_fn, torch_fn, compile_s, baseline="torch"):
     gc.collect()
-    times, jax_peak, torch_peak = measure(jax_fn, torch_fn, repeats, rss)
-    best = {name: min(t) for name, t in times.items()}
-    row = Row(task, vit, size, batch, best["jax"], best.get("torch"), compile_s,
+    times, jax_peak, torch_peak = measure(jax_fn, torch_fn, repeats, rss, torch_threads)
+    torch_times = [t for name, ts in times.items() if name.startswith("torch") for t in ts]
+    row = Row(task, vit, size, batch, min(times["jax"]), min(torch_times, default=None), compile_s,
               _mib(jax_peak), _mib(torch_peak), _mib(timing.device_peak_bytes()), baseline,
               times)
     rows.append(row)
@@ -206,7 +189,7 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=None, help="timed calls per figure")
   parser.add_argument("--no-torch", action="store_true", help="JAX figures only")
   parser.add_argument("--torch-threads", default="auto",
-                      help="torch intra-op threads; auto = the faster of 1 and all cores")
+                      help="torch intra-op threads; auto = time both 1 and all cores, keep the faster")
   parser.add_argument("--name", default=None, help="results file stem (default <platform>-<date>)")
   args = parser.parse_args(argv)
 
@@ -215,19 +198,21 @@ def main(argv=None):
   if not grid:
     parser.error("--vit/--size select nothing from the grid "
                  f"{[(g[0], g[1]) for g in (QUICK_GRID if args.quick else FULL_GRID)]}.")
-  repeats = args.repeats or (1 if args.quick else 5)
+  repeats = args.repeats or (1 if args.quick else 4)
   tasks = args.tasks or ([t for t in TASKS if t != "train_e2e"] if args.quick else TASKS)
   facts = timing.machine_facts()
+  torch_threads = []
   if not args.no_torch:
-    facts.update(pick_torch_threads(args.torch_threads, grid[0][0], grid[0][1]))
+    torch_threads = (sorted({1, os.cpu_count() or 1}) if args.torch_threads == "auto"
+                     else [int(args.torch_threads)])
+    facts["torch_threads"] = torch_threads
   print(json.dumps(facts), flush=True)
   rss = timing.PeakRss()
   start = time.perf_counter()
   rows = []
   try:
     for vit, size, batches, train_batch in grid:
-      rows += bench_size(vit, size, batches, train_batch, tasks, repeats, rss,
-                         not args.no_torch)
+      rows += bench_size(vit, size, batches, train_batch, tasks, repeats, rss, torch_threads)
   finally:
     rss.close()
   facts["wall_s"] = round(time.perf_counter() - start, 1)

@@ -111,7 +111,6 @@ def machine_facts() -> dict:
   try:
     import torch  # pylint: disable=g-import-not-at-top
     facts["torch"] = torch.__version__
-    facts["torch_threads"] = torch.get_num_threads()
   except ImportError:
     pass
   return facts
