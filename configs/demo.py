@@ -9,7 +9,7 @@ from dinomaly_jax import config_base
 
 
 def get_config(arg=None):
-  a = config_base.parse_arg(arg, steps=300, crop=224)
+  a = config_base.parse_arg(arg, steps=200, crop=112)
   c = config_base.base_config()
   config_base.set_vit(c, "small")
   c.random_encoder = True

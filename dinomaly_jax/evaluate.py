@@ -96,7 +96,10 @@ def evaluate(config, workdir, model, state, records, *, step, mesh) -> dict:
   if config.random_encoder:
     print("NOTE: this model uses a RANDOM encoder (no DINOv2 weights): the numbers below show that "
           "the pipeline works, not what Dinomaly reaches.")
-  return report.write_report(out_dir, per_class, dataset=config.data.layout, extra=extra, step=step)
+  result = report.write_report(out_dir, per_class, dataset=config.data.layout, extra=extra, step=step)
+  print(f"Report: {os.path.join(out_dir, 'report.md')} (.json, .csv); pictures: "
+        f"{os.path.join(out_dir, 'pictures')}; thresholds: {os.path.join(workdir, THRESHOLDS_FILE)}")
+  return result
 
 
 def _save_pictures(config, out_dir, name, records, maps, masks, scores, labels, threshold) -> None:
