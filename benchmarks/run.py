@@ -2,10 +2,11 @@
 
   python -m benchmarks.run [--quick] [--out benchmarks/results]
 
-For each ViT size, input size and batch: encoder forward, full inference (encoder,
-bottleneck, decoder, anomaly maps, image scores), train step (uncached and from cached
-features); JAX and PyTorch calls alternate so that load from other processes hits both
-alike; each figure is the fastest of --repeats calls after one warm-up call (other
+For each ViT size, input size and batch: the encoder's softmax attention, encoder
+forward, full inference (encoder, bottleneck, decoder, anomaly maps, image scores), the
+train step (from images and from cached features) and the train step with data loading
+(PNG pipeline vs feature cache); JAX and PyTorch calls alternate so that load from
+other processes hits both alike; each figure is the fastest of --repeats calls after one warm-up call (other
 processes only ever add time; every call's time is kept in the JSON). Writes
 <out>/<platform>-<date>.json and .md.
 """
