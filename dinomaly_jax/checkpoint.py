@@ -16,7 +16,7 @@ CHECKPOINT_DIR = "checkpoints"
 
 # Fields that may differ between the run that wrote a work directory and one that
 # continues it: they change neither the parameters' shapes nor the trajectory.
-_FREE_FIELDS = ("mode", "encoder_weights", "data.root", "data.workers", "data.packed",
+_FREE_FIELDS = ("mode", "encoder_weights", "model.attention_impl", "data.root", "data.workers", "data.packed",
                 "train.log_every", "train.eval_every", "train.checkpoint_every",
                 "train.keep_checkpoints", "train.stop_after", "eval.", "predict.", "export.")
 

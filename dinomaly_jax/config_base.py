@@ -91,12 +91,12 @@ def base_config() -> ml_collections.ConfigDict:
   e.aupro_max_fpr = 0.3
   e.aupro_thresholds = 200
   e.pictures_per_class = 4
-  e.full_resolution_maps = False
 
   # --- Prediction ------------------------------------------------------------------
   c.predict = p = ml_collections.ConfigDict()
   p.input = ""  # a folder or glob of images
   p.output = ""  # default: <workdir>/predictions
+  p.save_maps = False  # also write each full-resolution anomaly map as <stem>_map.npy (float32)
   p.class_name = ""  # threshold of this class; default: a class named in the path, else pooled
 
   # --- Export ----------------------------------------------------------------------

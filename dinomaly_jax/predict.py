@@ -64,6 +64,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   map_fn = evaluate.make_map_fn(model, config)
   variables = model_state.variables(state)
   rows = []
+  common = os.path.dirname(paths[0]) if len(paths) == 1 else os.path.commonpath(paths)
   bs = config.eval.batch_size
   for start in tqdm(range(0, len(paths), bs), desc="predict", disable=jax.process_index() != 0):
     chunk = paths[start:start + bs]
@@ -72,9 +73,13 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     maps, scores = jax.device_get(map_fn(variables, images))
     for path, original, amap, score in zip(chunk, originals, maps, scores):
       class_name, threshold = _threshold_for(path, config.predict.class_name, thresholds)
-      heatmap = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + "_heatmap.png")
+      rel = os.path.splitext(os.path.relpath(path, common))[0]  # mirrors the input folders
+      heatmap = os.path.join(out_dir, rel + "_heatmap.png")
+      os.makedirs(os.path.dirname(heatmap), exist_ok=True)
       full = np.asarray(anomaly_map.full_resolution_map(amap[None], original.shape[:2], config.data)[0])
       pictures.save_heatmap(heatmap, original, full, threshold)
+      if config.predict.save_maps:
+        np.save(heatmap[:-len("_heatmap.png")] + "_map.npy", full.astype(np.float32))
       rows.append({"image": path, "class": class_name, "score": float(score),
                    "threshold": float(threshold),
                    "decision": "anomalous" if score >= threshold else "normal",

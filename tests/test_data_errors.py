@@ -171,8 +171,8 @@ def test_not_a_packed_dataset(tmp_path):
 def test_fewer_training_images_than_batch(tmp_path):
   c = data_config("mvtec", mvtec_tree(tmp_path))
   records = index.build_records(c, "train")
-  _raises("Process 1 of 2 has 3 training images, fewer than its batch of 4; expected at least 8 "
-          "training images", lambda: pipeline.train_iterator(
+  _raises("6 training images are fewer than one global batch of 8 (2 processes x 4); use a "
+          "smaller config.train.batch_size", lambda: pipeline.train_iterator(
               records, c, batch_size=4, seed=0, process_index=1, process_count=2))
 
 

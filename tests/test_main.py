@@ -82,9 +82,11 @@ def test_predict_writes_scores_decisions_heatmaps(trained, data_root, tmp_path):
   c.mode = "predict"
   c.predict.input = os.path.join(data_root, "nut", "test")
   c.predict.output = str(tmp_path)
+  c.predict.save_maps = True
   rows = run.run(c, workdir)
   thresholds = json.load(open(os.path.join(workdir, evaluate.THRESHOLDS_FILE)))
   assert len(rows) == 6
+  assert len({r["heatmap"] for r in rows}) == 6  # good/000.png and hole/000.png do not collide
   with open(tmp_path / "predictions.csv") as f:
     written = list(csv.DictReader(f))
   assert [r["image"] for r in written] == [r["image"] for r in rows]
@@ -92,6 +94,8 @@ def test_predict_writes_scores_decisions_heatmaps(trained, data_root, tmp_path):
     assert r["class"] == "nut" and float(r["threshold"]) == pytest.approx(thresholds["nut"])
     assert r["decision"] == ("anomalous" if float(r["score"]) >= float(r["threshold"]) else "normal")
     assert os.path.getsize(r["heatmap"]) > 0
+    full = np.load(r["heatmap"].replace("_heatmap.png", "_map.npy"))
+    assert full.shape == transforms.load_image(r["image"]).shape[:2]  # original resolution
 
 
 def test_predict_rejects_an_empty_input(trained, tmp_path):
