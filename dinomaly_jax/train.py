@@ -9,7 +9,9 @@ import numpy as np
 from tqdm import tqdm
 
 from dinomaly_jax import checkpoint
+from dinomaly_jax import config_validation
 from dinomaly_jax import evaluate
+from dinomaly_jax import feature_cache
 from dinomaly_jax import metric_writer
 from dinomaly_jax import model_state
 from dinomaly_jax import sharding
@@ -36,13 +38,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if start:
     state = checkpoint.restore(mngr, state, start)
     _log(f"Resumed from the checkpoint of step {start} in {workdir}.")
-  step_fn = train_step.make_train_step(model, config, mesh)
   n_proc, batch = jax.process_count(), config.train.batch_size
   if batch % n_proc:
-    raise ValueError(f"config.train.batch_size ({batch}) must be divisible by the number of processes ({n_proc}).")
-  batches = pipeline.train_iterator(
-      records, config.data, batch_size=batch // n_proc, seed=config.seed,
-      process_index=jax.process_index(), process_count=n_proc, start_step=start)
+    raise config_validation.ConfigError(
+        f"config.train.batch_size must be divisible by the number of processes ({n_proc}), got {batch}.")
+  if config.data.cache_features:
+    batches, step_fn = feature_cache.cached_training(
+        config, model, state.encoder_params, records, mesh, start_step=start)
+  else:
+    step_fn = train_step.make_train_step(model, config, mesh)
+    batches = pipeline.train_iterator(
+        records, config.data, batch_size=batch // n_proc, seed=config.seed,
+        process_index=jax.process_index(), process_count=n_proc, start_step=start)
   writer = metric_writer.MetricWriter(workdir)
   if config.random_encoder:
     _log("NOTE: the encoder has RANDOM weights (config.random_encoder=True), not DINOv2: "
