@@ -1,0 +1,29 @@
+"""The benchmark commands run at their smallest size and write their results files."""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, tmp_path):
+  proc = subprocess.run([sys.executable, "-m", *args, "--out", str(tmp_path)], cwd=REPO,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc
+
+
+def test_benchmark_quick_writes_json_and_markdown(tmp_path):
+  _run(["benchmarks.run", "--quick"], tmp_path)
+  names = sorted(os.listdir(tmp_path))
+  (json_name,) = [n for n in names if n.endswith(".json")]
+  assert json_name.replace(".json", ".md") in names
+  result = json.load(open(tmp_path / json_name))
+  text = json.dumps(result)
+  assert "jax" in text and "torch" in text and "ratio" in text
+
+
+def test_gpu_check_smoke_runs_on_cpu(tmp_path):
+  _run(["benchmarks.gpu_check", "--smoke"], tmp_path)
+  assert any(n.endswith(".json") for n in os.listdir(tmp_path))
