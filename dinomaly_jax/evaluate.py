@@ -93,9 +93,6 @@ def evaluate(config, workdir, model, state, records, *, step, mesh) -> dict:
   with open(os.path.join(workdir, THRESHOLDS_FILE), "w") as f:
     json.dump(thresholds, f, indent=2)
   extra = {"random_encoder": bool(config.random_encoder)}
-  if config.random_encoder:
-    print("NOTE: this model uses a RANDOM encoder (no DINOv2 weights): the numbers below show that "
-          "the pipeline works, not what Dinomaly reaches.")
   result = report.write_report(out_dir, per_class, dataset=config.data.layout, extra=extra, step=step)
   print(f"Report: {os.path.join(out_dir, 'report.md')} (.json, .csv); pictures: "
         f"{os.path.join(out_dir, 'pictures')}; thresholds: {os.path.join(workdir, THRESHOLDS_FILE)}")

@@ -36,12 +36,20 @@ def _fmt(v: float) -> str:
   return "-" if math.isnan(v) else f"{v:.2f}"
 
 
+RANDOM_ENCODER_NOTE = ("NOTE: this model uses a RANDOM encoder (no DINOv2 weights): the numbers "
+                       "below show that the pipeline works, not what Dinomaly reaches.")
+
+
+def _warnings(result: dict) -> list[str]:
+  return [RANDOM_ENCODER_NOTE] if result["extra"].get("random_encoder") else []
+
+
 def format_table(result: dict) -> str:
   """Aligned plain-text table (percent) with a title line."""
   rows = [(label, [_fmt(v) for v in values]) for label, values in _rows(result)]
   width = max(len(label) for label, _ in rows + [("class", [])])
   col = max(len(m) for m in METRIC_NAMES) + 1
-  lines = [_title(result),
+  lines = [*_warnings(result), _title(result),
            "class".ljust(width) + "".join(m.rjust(col) for m in METRIC_NAMES)]
   for label, values in rows:
     if label == MEAN:
@@ -69,7 +77,8 @@ def _notes(result: dict) -> list[str]:
 
 
 def _markdown(result: dict) -> str:
-  lines = [f"## {_title(result)}", "", "| class | " + " | ".join(METRIC_NAMES) + " |",
+  lines = [f"## {_title(result)}", "", *(f"**{n}**\n" for n in _warnings(result)),
+           "| class | " + " | ".join(METRIC_NAMES) + " |",
            "|---|" + "---:|" * len(METRIC_NAMES)]
   for label, values in _rows(result):
     bold = label in (MEAN, "published", "difference")

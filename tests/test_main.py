@@ -188,6 +188,7 @@ def test_demo_command_line(tmp_path):
   report = json.load(open(tmp_path / "eval" / "report.json"))
   assert set(report["classes"]) == {"brick", "grass", "nut", "pill"}
   assert report["extra"]["random_encoder"] is True
+  assert "RANDOM encoder" in open(tmp_path / "eval" / "report.md").read()
   assert os.path.exists(tmp_path / "eval" / "pictures" / "pill" / "scores.png")
 
 
