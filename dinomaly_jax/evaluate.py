@@ -80,13 +80,15 @@ def evaluate(config, workdir, model, state, records, *, step, mesh) -> dict:
     if jax.process_index() != 0:
       continue
     labels = np.array([r.label for r in class_records], np.int32)
-    per_class[name] = metrics.class_metrics(
-        scores, labels, maps, masks, aupro=config.eval.aupro,
+    per_class[name], best = metrics.class_metrics(
+        scores, labels, maps, masks, aupro=config.eval.aupro, with_thresholds=True,
         aupro_max_fpr=config.eval.aupro_max_fpr, aupro_thresholds=config.eval.aupro_thresholds)
-    thresholds[name] = float(metrics.image_f1_threshold(scores, labels))
+    thresholds[name] = float(best["image"])
     all_scores.append(scores)
     all_labels.append(labels)
-    _save_pictures(config, out_dir, name, class_records, maps, masks, scores, labels, thresholds[name])
+    # Regions shown: the pixel F1-optimal threshold where masks exist, else the image one.
+    shown = best["pixel"] if np.isfinite(best["pixel"]) else best["image"]
+    _save_pictures(config, out_dir, name, class_records, maps, masks, scores, labels, shown)
   if jax.process_index() != 0:
     return {}
   thresholds[POOLED] = float(metrics.image_f1_threshold(np.concatenate(all_scores), np.concatenate(all_labels)))

@@ -84,8 +84,12 @@ def image_f1_threshold(scores, labels) -> float:
 
 
 def class_metrics(scores, labels, maps, masks, *, aupro: str = "reference",
-                  aupro_max_fpr: float = 0.3, aupro_thresholds: int = 200) -> dict[str, float]:
-  """The seven metrics of one class.
+                  aupro_max_fpr: float = 0.3, aupro_thresholds: int = 200,
+                  with_thresholds: bool = False):
+  """The seven metrics of one class (and, with_thresholds, the F1-optimal thresholds).
+
+  Returns {metric: value}, or with_thresholds ({metric: value}, {"image": t, "pixel": t}):
+  the image-score and pixel thresholds reaching I-F1max and P-F1max (NaN if undefined).
 
   Args:
     scores: (N,) image scores. labels: (N,) 0 normal / 1 anomalous.
@@ -117,4 +121,7 @@ def class_metrics(scores, labels, maps, masks, *, aupro: str = "reference",
     pro = aupro_lib.aupro_mvtec(maps, masks, max_fpr=aupro_max_fpr, keys=keys)
   values = (image["auroc"], image["ap"], image["f1max"], pixel["auroc"], pixel["ap"],
             pixel["f1max"], pro)
-  return {name: float(v) for name, v in zip(METRIC_NAMES, values)}
+  result = {name: float(v) for name, v in zip(METRIC_NAMES, values)}
+  if with_thresholds:
+    return result, {"image": image["f1_threshold"], "pixel": pixel["f1_threshold"]}
+  return result

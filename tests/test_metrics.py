@@ -204,3 +204,19 @@ def test_count_above_matches_numpy_comparison():
                                np.nextafter(scores[:30].astype(np.float64), -np.inf), [0.0, -0.0]])
   expected = [(scores > t).sum() for t in thresholds]
   np.testing.assert_array_equal(score_sort.count_above(score_sort.sorted_keys(scores), thresholds), expected)
+
+
+def test_class_metrics_returns_the_f1_optimal_thresholds():
+  rng = np.random.default_rng(3)
+  labels = np.array([0, 0, 1, 1, 1])
+  masks = np.zeros((5, 8, 8), bool)
+  masks[2:, 2:5, 2:5] = True
+  maps = rng.random((5, 8, 8)).astype(np.float32) + masks
+  scores = maps.max(axis=(1, 2))
+  result, best = metrics.class_metrics(scores, labels, maps, masks, with_thresholds=True)
+  assert best["image"] == metrics.image_f1_threshold(scores, labels)
+  # The pixel threshold reaches P-F1max when used as `map >= threshold`.
+  predicted = maps >= best["pixel"]
+  tp = np.sum(predicted & masks)
+  precision, recall = tp / predicted.sum(), tp / masks.sum()
+  assert 2 * precision * recall / (precision + recall + 1e-7) == pytest.approx(result["P-F1max"], abs=1e-9)
