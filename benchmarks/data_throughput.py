@@ -11,7 +11,6 @@ and machine.
 import argparse
 import json
 import os
-import pathlib
 import tempfile
 import time
 
@@ -63,10 +62,7 @@ def main():
                         "threads_per_process": pipeline.WORKER_THREADS if workers
                         else pipeline.IN_PROCESS_THREADS})
         print(json.dumps(results[-1]), flush=True)
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(dict(machine=timing.machine_facts(), results=results), indent=2))
-  print(f"Wrote {out}")
+  timing.write_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ Results go to a JSON file with the date and machine.
 """
 import argparse
 import json
-import pathlib
 import time
 
 import jax
@@ -71,10 +70,7 @@ def main():
   for name in args.variants.split(","):
     results.append(measure_variant(name, args.size, args.repeats, args.full_depth))
     print(json.dumps(results[-1]))
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(dict(machine=timing.machine_facts(), results=results), indent=2))
-  print(f"Wrote {out}")
+  timing.write_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -132,3 +132,13 @@ def matmul_gflops(with_torch: bool, n: int = 1024, repeats: int = 5) -> dict:
     fn()
   seconds = interleaved_seconds(fns, repeats)
   return {name: round(2 * n**3 / s / 1e9, 1) for name, s in seconds.items()}
+
+
+def write_results(path, results: list) -> None:
+  """Writes {"machine": machine_facts(), "results": results} as JSON to `path`."""
+  import json  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  out = pathlib.Path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(dict(machine=machine_facts(), results=results), indent=2))
+  print(f"Wrote {out}")
