@@ -155,9 +155,11 @@ class _TorchvisionStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 @pytest.fixture(scope="module")
 def timm_module():
   try:
-    import torchvision  # noqa: F401  (a real one, where installed)
+    import torchvision  # noqa: F401  (a real one, where installed and loadable)
     stub = None
-  except ImportError:
+  except (ImportError, RuntimeError):  # absent, or PyPI's build that fails beside CPU torch
+    for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+      del sys.modules[name]
     stub = _TorchvisionStub()
     sys.meta_path.insert(0, stub)
   import timm  # Imported after the stub is in place.
