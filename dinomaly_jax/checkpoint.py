@@ -68,14 +68,6 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
       f.write(config.to_json(indent=2))
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"No {CONFIG_FILE} in {workdir}: is it the work directory of a training run?")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
 def manager(workdir: str, config: ml_collections.ConfigDict, *, read_only=False) -> ocp.CheckpointManager:
   if read_only:
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
