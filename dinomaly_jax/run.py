@@ -25,6 +25,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.data.class_separated:
       return _per_class(config, workdir, evaluate.evaluate_workdir)
     return evaluate.evaluate_workdir(config, workdir)
+  if config.mode in ("predict", "export") and jax.process_count() > 1:
+    raise config_validation.ConfigError(
+        f"config.mode={config.mode!r} runs on one process; start it without the multi-host "
+        "environment (it uses this host's devices).")
   if config.mode == "predict":
     from dinomaly_jax import predict  # pylint: disable=g-import-not-at-top
     return predict.predict(config, workdir)
