@@ -79,19 +79,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last_good_checkpoint = done
       if _due(done, config.train.eval_every) and not is_last:
         mngr.wait_until_finished()
-        evaluate.evaluate(config, workdir, model, state, test_records, step=done, mesh=mesh)
+        _log_eval(writer, done, evaluate.evaluate(config, workdir, model, state, test_records,
+                                                  step=done, mesh=mesh))
     bar.close()
     mngr.wait_until_finished()
     if end < config.train.steps:
       _log(f"Stopped after step {end} (config.train.stop_after); run again in {workdir} to resume.")
     else:
       result = evaluate.evaluate(config, workdir, model, state, test_records, step=end, mesh=mesh)
+      _log_eval(writer, end, result)
   finally:
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
   return result
+
+
+def _log_eval(writer, step: int, result: dict) -> None:
+  """The mean of each metric over classes, as eval/<metric> scalars (process 0)."""
+  means = result.get("mean", {})
+  writer.write_scalars(step, {f"eval/{k}": v for k, v in means.items() if math.isfinite(v)})
 
 
 def _due(done: int, every: int) -> bool:

@@ -15,6 +15,7 @@ def tiny_config(root, **train):
   c.train.loss_p_steps = 4
   c.train.log_every = 2
   c.train.checkpoint_every = 3
+  c.train.eval_every = 3
   c.eval.batch_size = 8
   c.eval.pictures_per_class = 2
   for k, v in train.items():

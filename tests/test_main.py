@@ -60,8 +60,12 @@ def test_train_writes_report_thresholds_pictures_logs(trained):
   assert len([p for p in pictures if p.endswith(".png")]) >= 3  # 2 strips + score plots
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     logged = [json.loads(line) for line in f]
-  assert [m["step"] for m in logged] == [2, 3, 4, 6]  # log_every 2, plus checkpoint step 3
-  assert all(math.isfinite(m["loss"]) and {"p", "lr"} <= set(m) for m in logged)
+  train_logs = [m for m in logged if "loss" in m]
+  assert [m["step"] for m in train_logs] == [2, 3, 4, 6]  # log_every 2, plus checkpoint step 3
+  assert all(math.isfinite(m["loss"]) and {"p", "lr"} <= set(m) for m in train_logs)
+  eval_logs = [m for m in logged if "eval/I-AUROC" in m]
+  assert [m["step"] for m in eval_logs] == [3, 6]  # eval_every 3, and at the end
+  assert eval_logs[-1]["eval/I-AUROC"] == pytest.approx(result["mean"]["I-AUROC"])
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
 
@@ -135,9 +139,10 @@ def test_export_reloads_and_gives_the_same_maps(trained, data_root):
 
 
 def test_resume_follows_the_uninterrupted_trajectory(data_root, tmp_path):
-  straight = main_helpers.tiny_config(data_root, steps=20, checkpoint_every=10)
+  straight = main_helpers.tiny_config(data_root, steps=20, checkpoint_every=10, eval_every=0)
   run.run(straight, str(tmp_path / "straight"))
-  split = main_helpers.tiny_config(data_root, steps=20, checkpoint_every=10, stop_after=10)
+  split = main_helpers.tiny_config(data_root, steps=20, checkpoint_every=10, eval_every=0,
+                                   stop_after=10)
   run.run(split, str(tmp_path / "split"))  # stops (and checkpoints) after step 10
   assert sorted(os.listdir(tmp_path / "split" / "checkpoints")) == ["10"]
   run.run(split, str(tmp_path / "split"))  # resumes at step 10, runs to 20
@@ -172,7 +177,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_
     return wrapped
 
   monkeypatch.setattr(train_step, "make_train_step", poisoned)
-  config = main_helpers.tiny_config(data_root, steps=6)
+  config = main_helpers.tiny_config(data_root, steps=6, eval_every=0)
   with pytest.raises(train_lib.NonFiniteLossError, match="nan at step 5.*last good checkpoint is step 3"):
     run.run(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
