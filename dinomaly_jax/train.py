@@ -1,11 +1,9 @@
 """The train loop: state, jitted step over the mesh, checkpoints, logging, evaluation."""
+import collections
 import math
-import os
-import time
 
 import jax
 import ml_collections
-import numpy as np
 from tqdm import tqdm
 
 from dinomaly_jax import checkpoint
@@ -66,9 +64,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     end = config.train.steps
     if config.train.stop_after:
       end = min(end, start + config.train.stop_after)
+    device_batches = _on_device(batches, mesh)
     for step in range(start, end):
-      global_batch = sharding.global_batch(next(batches), mesh)
-      state, metrics = step_fn(state, global_batch)
+      state, metrics = step_fn(state, next(device_batches))
       pending.append((step, metrics))
       done = step + 1
       is_last = done == end
@@ -94,6 +92,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mngr.close()
     writer.close()
   return result
+
+
+def _on_device(batches, mesh, depth: int = 2):
+  """Global device batches, `depth` transfers ahead of the step that consumes them."""
+  queue = collections.deque()
+  for local in batches:
+    queue.append(sharding.global_batch(local, mesh))
+    if len(queue) == depth:
+      yield queue.popleft()
 
 
 def _log_eval(writer, step: int, result: dict) -> None:

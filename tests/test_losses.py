@@ -1,6 +1,5 @@
 """Loose loss: value, custom gradient on easy/hard points, p schedule."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
