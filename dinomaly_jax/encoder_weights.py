@@ -2,8 +2,6 @@
 import hashlib
 import os
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 
 HOW_TO_GET_WEIGHTS = """\
@@ -23,15 +21,12 @@ def cache_dir() -> str:
   return os.environ.get("DINOMALY_JAX_CACHE", os.path.expanduser("~/.cache/dinomaly_jax"))
 
 
-def load_pretrained(config: ml_collections.ConfigDict, encoder, image_hw) -> dict:
+def load_pretrained(config: ml_collections.ConfigDict) -> dict:
   """The pretrained tree for `config`: {"encoder": ...} and, for a converted trained
-  Dinomaly (ViTill) checkpoint, also "bottleneck" and "decoder". Random when
-  config.random_encoder."""
+  Dinomaly (ViTill) checkpoint, also "bottleneck" and "decoder". With
+  config.random_encoder, {"encoder": None}: the train state initialises it from the seed."""
   if config.random_encoder:
-    images = jnp.zeros((1, *image_hw, 3), jnp.float32)
-    params = jax.jit(lambda r: encoder.init(r, images, [0])["params"])(
-        jax.random.fold_in(jax.random.key(config.seed), 17))
-    return {"encoder": params}
+    return {"encoder": None}
   path = config.encoder_weights
   if not path:
     raise EncoderWeightsError(HOW_TO_GET_WEIGHTS)

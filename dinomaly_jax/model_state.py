@@ -19,7 +19,7 @@ def build(config: ml_collections.ConfigDict):
   """
   model = dinomaly.build_model(config.model)
   image_hw = (config.data.crop, config.data.crop)
-  pretrained = encoder_weights.load_pretrained(config, model.encoder, image_hw)
+  pretrained = encoder_weights.load_pretrained(config)
   state = train_step.create_train_state(
       model, config, jax.random.key(config.seed), pretrained["encoder"], (*image_hw, 3))
   if "decoder" in pretrained:  # a converted, trained reference (ViTill) checkpoint
