@@ -15,7 +15,7 @@ import tempfile
 import time
 
 from benchmarks import timing
-from dinomaly_jax import config_base
+from dinomaly_jax.config import defaults
 from dinomaly_jax.data import index
 from dinomaly_jax.data import packed
 from dinomaly_jax.data import pipeline
@@ -47,7 +47,7 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     root = synthetic.generate(f"{tmp}/data", classes=("brick", "nut"), image_size=args.image_size,
                               n_train=args.images // 2, n_test_good=1, n_test_bad=0)
-    c = config_base.base_config().data  # resize 448, crop 392
+    c = defaults.base_config().data  # resize 448, crop 392
     c.root = root
     records = index.build_records(c, "train")
     packed.write({"train": records}, f"{tmp}/packed", c.resize, workers=2)

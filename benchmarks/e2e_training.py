@@ -12,11 +12,11 @@ import jax
 import numpy as np
 from PIL import Image
 
-from dinomaly_jax import feature_cache
 from dinomaly_jax import sharding
-from dinomaly_jax import train_step
 from dinomaly_jax.data import pipeline
 from dinomaly_jax.data.records import Record
+from dinomaly_jax.training import feature_cache
+from dinomaly_jax.training import train_step
 
 IMAGE_SIDE = 1024  # MVTec-AD images are 700 to 1024 pixels square PNGs
 

@@ -12,17 +12,18 @@ import argparse
 import json
 import time
 
+from dinov2.models import vision_transformer as dinov2_vit
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from dinov2.models import vision_transformer as dinov2_vit
 
 from benchmarks import timing
-from dinomaly_jax.config_base import VIT_TARGET_LAYERS
+from benchmarks.torch_weights import official_layers
+from benchmarks.torch_weights import randomize_
+from dinomaly_jax.config.defaults import VIT_TARGET_LAYERS
 from dinomaly_jax.models import vit
-from tests.test_vit_parity import official_layers, randomize_
-from weight_conversion.convert import convert_dinov2_state_dict
+from dinomaly_jax.weights.dinov2_keys import convert_dinov2_state_dict
 
 _OFFICIAL_BUILDERS = {"small": dinov2_vit.vit_small, "base": dinov2_vit.vit_base,
                       "large": dinov2_vit.vit_large, "giant": dinov2_vit.vit_giant2}

@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
-from benchmarks.jax_dinomaly import JaxDinomaly, make_config
-from dinomaly_jax import feature_cache
+from benchmarks.jax_dinomaly import JaxDinomaly
+from benchmarks.jax_dinomaly import make_config
 from dinomaly_jax import sharding
 from dinomaly_jax.models import attention
+from dinomaly_jax.training import feature_cache
 
 PUBLISHED_IMAGES_PER_S = 58.1  # reference ViT-B/14 at 392, PROTOCOL.md (one RTX 3090)
 PROTOCOL_STEPS = 10_000

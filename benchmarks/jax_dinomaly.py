@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dinomaly_jax import anomaly_map
-from dinomaly_jax import feature_cache
 from dinomaly_jax import sharding
-from dinomaly_jax import train_step
-from dinomaly_jax.config_base import base_config, set_vit
+from dinomaly_jax.config.defaults import base_config
+from dinomaly_jax.config.defaults import set_vit
+from dinomaly_jax.evaluation import anomaly_map
 from dinomaly_jax.models import dinomaly
+from dinomaly_jax.training import feature_cache
+from dinomaly_jax.training import train_step
 
 
 def make_config(vit: str, size: int, batch: int, dtype: str = "float32",

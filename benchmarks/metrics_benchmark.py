@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from benchmarks import direct_aupro
+
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
 
@@ -47,8 +49,8 @@ def _memory(field: str) -> int:
 def _case(args):
   """Runs one case in this (fresh) process: (wall s, CPU s, extra peak bytes, value)."""
   name, n, size = args
-  from dinomaly_jax import aupro  # pylint: disable=g-import-not-at-top
-  from dinomaly_jax import metrics  # pylint: disable=g-import-not-at-top
+  from dinomaly_jax.evaluation import aupro  # pylint: disable=g-import-not-at-top
+  from dinomaly_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
   scores, labels, maps, masks = generate(n, size)
   calls = {
       "seven metrics (AUPRO reference)": lambda: metrics.class_metrics(scores, labels, maps, masks)["AUPRO"],
@@ -67,8 +69,7 @@ def _case(args):
 
 
 def _direct(maps, masks):
-  from tests.test_metrics import _direct_reference_aupro  # pylint: disable=g-import-not-at-top
-  return _direct_reference_aupro(maps, masks, 0.3, 200)
+  return direct_aupro.direct_reference_aupro(maps, masks, 0.3, 200)
 
 
 def main():

@@ -1,6 +1,29 @@
 """Benchmark results: one console line per figure, a JSON file and a Markdown table."""
 import dataclasses
 import json
+import sys
+
+
+@dataclasses.dataclass
+class Row:
+  """One benchmark figure: JAX seconds per call next to its baseline's."""
+  task: str
+  vit: str
+  size: int
+  batch: int
+  jax_s: float
+  torch_s: float | None
+  compile_s: float
+  jax_rss_growth_mib: float
+  torch_rss_growth_mib: float | None
+  jax_device_peak_mib: float | None
+  baseline: str = "torch"  # what `ratio` compares against
+  all_seconds: dict | None = None  # every timed call, per framework
+
+  @property
+  def ratio(self) -> float | None:
+    return None if self.torch_s is None else self.torch_s / self.jax_s
+
 
 # Issue 7's CPU targets: (task, minimum ratio, input size or None for all sizes).
 TARGETS = [("attention_auto", 1.0, 392), ("encoder", 1.0, 392), ("train", 1.2, None), ("cached_vs_uncached", 2.0, None),
@@ -96,8 +119,6 @@ def write(stem: str, facts: dict, rows) -> tuple[str, str]:
 
 def main():
   """Re-renders the Markdown of a results JSON: python -m benchmarks.report <file.json>."""
-  import sys  # pylint: disable=g-import-not-at-top
-  from benchmarks.run import Row  # pylint: disable=g-import-not-at-top
   if len(sys.argv) != 2 or not sys.argv[1].endswith(".json"):
     raise SystemExit("usage: python -m benchmarks.report <results.json>")
   with open(sys.argv[1]) as f:

@@ -11,7 +11,6 @@ processes only ever add time; every call's time is kept in the JSON). Writes
 <out>/<platform>-<date>.json and .md.
 """
 import argparse
-import dataclasses
 import gc
 import json
 import os
@@ -22,10 +21,12 @@ import numpy as np
 
 from benchmarks import report
 from benchmarks import timing
-from benchmarks.jax_dinomaly import JaxDinomaly, make_config
-from dinomaly_jax import feature_cache
+from benchmarks.jax_dinomaly import JaxDinomaly
+from benchmarks.jax_dinomaly import make_config
+from benchmarks.report import Row
 from dinomaly_jax import sharding
 from dinomaly_jax.models import attention
+from dinomaly_jax.training import feature_cache
 
 # (vit, image size, encoder/inference batches, train batch). Train batches are small
 # because a CPU step at 392 takes seconds to tens of seconds; the GPU check uses the
@@ -39,26 +40,6 @@ FULL_GRID = [
 ]
 QUICK_GRID = [("small", 224, (1,), 2)]
 TASKS = ("attention", "encoder", "inference", "train", "train_cached", "train_e2e")
-
-
-@dataclasses.dataclass
-class Row:
-  task: str
-  vit: str
-  size: int
-  batch: int
-  jax_s: float
-  torch_s: float | None
-  compile_s: float
-  jax_rss_growth_mib: float
-  torch_rss_growth_mib: float | None
-  jax_device_peak_mib: float | None
-  baseline: str = "torch"  # what `ratio` compares against
-  all_seconds: dict | None = None  # every timed call, per framework
-
-  @property
-  def ratio(self) -> float | None:
-    return None if self.torch_s is None else self.torch_s / self.jax_s
 
 
 def _mib(x):

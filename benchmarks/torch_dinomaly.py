@@ -8,8 +8,8 @@ ops. This is a timing twin, not a correctness reference: weights are random.
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 import transformers
 
 from dinomaly_jax.models import vit as vit_lib

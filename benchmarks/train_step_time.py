@@ -19,9 +19,11 @@ import jax
 import numpy as np
 
 from dinomaly_jax import sharding
-from dinomaly_jax import train_step
-from dinomaly_jax.config_base import VIT_TARGET_LAYERS, base_config, set_vit
+from dinomaly_jax.config.defaults import base_config
+from dinomaly_jax.config.defaults import set_vit
+from dinomaly_jax.config.defaults import VIT_TARGET_LAYERS
 from dinomaly_jax.models.dinomaly import build_model
+from dinomaly_jax.training import train_step
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "train_step_time.json"
 

@@ -5,13 +5,13 @@
 The encoder has RANDOM weights (no DINOv2 download is needed), so the numbers show
 that the pipeline works, not what Dinomaly reaches with DINOv2 (see README).
 """
-from dinomaly_jax import config_base
+from dinomaly_jax.config import defaults
 
 
 def get_config(arg=None):
-  a = config_base.parse_arg(arg, steps=200, crop=112)
-  c = config_base.base_config()
-  config_base.set_vit(c, "small")
+  a = defaults.parse_arg(arg, steps=200, crop=112)
+  c = defaults.base_config()
+  defaults.set_vit(c, "small")
   c.random_encoder = True
   c.data.synthetic = True
   c.data.layout = "mvtec"

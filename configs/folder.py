@@ -7,14 +7,10 @@
   python -m dinomaly_jax.main --config=configs/folder.py --workdir=runs/mine \
       --config.data.root=/data/mine --config.encoder_weights=weights/dinov2_vitb14_reg4
 """
-from dinomaly_jax import config_base
+from dinomaly_jax.config import defaults
 
 
 def get_config(arg=None):
-  a = config_base.parse_arg(arg, vit="base", sep=False, steps=10_000)
-  c = config_base.base_config()
-  config_base.set_vit(c, a.vit)
-  c.data.layout = "folder"
-  c.data.class_separated = a.sep
-  c.train.steps = a.steps
+  a, c = defaults.dataset_config(arg, "folder", steps=10_000)
+  c.train.steps = a.steps  # also per class with `sep`
   return c

@@ -7,15 +7,10 @@ Multi-class: 50,000 steps with bottleneck dropout 0.4; class-separated (`sep`):
       --config.data.root=/data/Real-IAD \
       --config.encoder_weights=weights/dinov2_vitb14_reg4
 """
-from dinomaly_jax import config_base
+from dinomaly_jax.config import defaults
 
 
 def get_config(arg=None):
-  a = config_base.parse_arg(arg, vit="base", sep=False)
-  c = config_base.base_config()
-  config_base.set_vit(c, a.vit)
-  c.data.layout = "realiad"
-  c.data.class_separated = a.sep
-  c.train.steps = 5_000 if a.sep else 50_000
+  a, c = defaults.dataset_config(arg, "realiad", multi_class_steps=50_000)
   c.model.bottleneck_dropout = 0.2 if a.sep else 0.4
   return c

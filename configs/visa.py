@@ -5,14 +5,9 @@
       --config.encoder_weights=weights/dinov2_vitb14_reg4
   Arguments: configs/visa.py:vit=small,sep
 """
-from dinomaly_jax import config_base
+from dinomaly_jax.config import defaults
 
 
 def get_config(arg=None):
-  a = config_base.parse_arg(arg, vit="base", sep=False)
-  c = config_base.base_config()
-  config_base.set_vit(c, a.vit)
-  c.data.layout = "visa"
-  c.data.class_separated = a.sep
-  c.train.steps = 5_000 if a.sep else 10_000
+  _, c = defaults.dataset_config(arg, "visa")
   return c

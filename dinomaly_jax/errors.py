@@ -1,9 +1,32 @@
-"""The errors that mean bad input from the user: main prints them as one message."""
-from dinomaly_jax.checkpoint import IncompatibleWorkdirError
-from dinomaly_jax.config_validation import ConfigError
-from dinomaly_jax.data.records import DataError
-from dinomaly_jax.encoder_weights import EncoderWeightsError
-from dinomaly_jax.train import NonFiniteLossError
+"""Every exception that means bad input from the user; `main` prints them as one message.
 
-USER_ERRORS = (ConfigError, DataError, EncoderWeightsError, IncompatibleWorkdirError,
-               NonFiniteLossError, FileNotFoundError)
+This module imports nothing: any layer may raise these without pulling in the stack.
+"""
+
+
+class ConfigError(ValueError):
+  """A config value is missing, unknown or out of range (the message names the field)."""
+
+
+class DataError(ValueError):
+  """Bad input data: the message names the file or folder and what was expected."""
+
+
+class CheckpointError(ValueError):
+  """A PyTorch checkpoint that cannot be converted; the message lists every problem."""
+
+
+class EncoderWeightsError(ValueError):
+  """The encoder weights are missing or do not fit the configured model."""
+
+
+class IncompatibleWorkdirError(RuntimeError):
+  """The work directory holds a run of a different configuration."""
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite."""
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, EncoderWeightsError,
+               IncompatibleWorkdirError, NonFiniteLossError, FileNotFoundError)

@@ -29,7 +29,7 @@ def main(argv):
   if _MODE.value:
     config.mode = _MODE.value
   try:
-    from dinomaly_jax import run  # pylint: disable=g-import-not-at-top
+    from dinomaly_jax import run  # Imported here: jax and the stages load after the flags parse.
     run.run(config, _WORKDIR.value)
   except errors.USER_ERRORS as e:
     print(f"\nerror: {e}", file=sys.stderr)

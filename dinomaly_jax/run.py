@@ -1,44 +1,61 @@
-"""Runs one mode of the main job for a validated config."""
+"""Runs one mode of the main job (train, eval, predict, export) for a config.
+
+The entry layer: it validates the config, starts the multi-host runtime, and calls
+the stages (training, evaluation, inference); nothing below imports it.
+"""
 import copy
 import os
 
 import jax
-import ml_collections
 from jax.experimental import multihost_utils
+import ml_collections
 
-from dinomaly_jax import config_validation
 from dinomaly_jax import sharding
+from dinomaly_jax.config import validation
+from dinomaly_jax.data import index as data_index
+from dinomaly_jax.data import synthetic
+from dinomaly_jax.errors import ConfigError
+from dinomaly_jax.evaluation import evaluate
+from dinomaly_jax.evaluation import report
+from dinomaly_jax.inference import export
+from dinomaly_jax.inference import predict
+from dinomaly_jax.training import model_state
+from dinomaly_jax.training import train
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  config_validation.validate(config)
+  validation.validate(config)
   sharding.maybe_initialize_distributed()
   if config.mode in ("train", "eval") and config.data.synthetic:
     _use_demo_data(config, workdir)
   if config.mode == "train":
-    from dinomaly_jax import train  # pylint: disable=g-import-not-at-top
     if config.data.class_separated:
       return _per_class(config, workdir, train.train)
     return train.train(config, workdir)
   if config.mode == "eval":
-    from dinomaly_jax import evaluate  # pylint: disable=g-import-not-at-top
     if config.data.class_separated:
-      return _per_class(config, workdir, evaluate.evaluate_workdir)
-    return evaluate.evaluate_workdir(config, workdir)
+      return _per_class(config, workdir, evaluate_workdir)
+    return evaluate_workdir(config, workdir)
   if config.mode in ("predict", "export") and jax.process_count() > 1:
-    raise config_validation.ConfigError(
+    raise ConfigError(
         f"config.mode={config.mode!r} runs on one process; start it without the multi-host "
         "environment (it uses this host's devices).")
   if config.mode == "predict":
-    from dinomaly_jax import predict  # pylint: disable=g-import-not-at-top
     return predict.predict(config, workdir)
-  from dinomaly_jax import export  # pylint: disable=g-import-not-at-top
   return export.export(config, workdir)
+
+
+def evaluate_workdir(config, workdir, step: int | None = None) -> dict:
+  """Eval mode: restores the latest (or given) checkpoint of `workdir` and evaluates it."""
+  records = data_index.build_records(config.data, "test")
+  mesh = sharding.make_mesh()
+  model, state = model_state.load_trained(config, workdir, mesh, step)
+  return evaluate.evaluate(config, workdir, model, model_state.variables(state), records,
+                           step=int(state.step), mesh=mesh)
 
 
 def _use_demo_data(config, workdir) -> None:
   """Generates the demo dataset into <workdir>/demo_data once, and points data.root at it."""
-  from dinomaly_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   root = os.path.join(workdir, "demo_data")
   if jax.process_index() == 0 and not os.path.exists(os.path.join(root, ".complete")):
     print(f"Generating the demo dataset in {root} ...", flush=True)
@@ -50,8 +67,6 @@ def _use_demo_data(config, workdir) -> None:
 
 def _per_class(config, workdir, fn) -> dict:
   """Class-separated protocol: one model per class in <workdir>/<class>, one combined report."""
-  from dinomaly_jax import report  # pylint: disable=g-import-not-at-top
-  from dinomaly_jax.data import index as data_index  # pylint: disable=g-import-not-at-top
   per_class = {}
   for name in data_index.list_classes(config.data):
     c = copy.deepcopy(config)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinomaly_jax import anomaly_map
+from dinomaly_jax.evaluation import anomaly_map
 
 
 def _torch_gaussian(maps, size, sigma):

@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-from dinomaly_jax import config_base
-from dinomaly_jax import config_validation
+from dinomaly_jax.config import defaults
+from dinomaly_jax.config import validation
+from dinomaly_jax.errors import ConfigError
 
 
 def _config(name, arg=None):
@@ -17,7 +18,7 @@ def _config(name, arg=None):
 def test_every_config_validates(name):
   c = _config(name)
   c.data.root = c.data.root or "/data/somewhere"
-  config_validation.validate(c)
+  validation.validate(c)
 
 
 def test_protocol_defaults():
@@ -36,7 +37,7 @@ def test_config_argument_errors():
   with pytest.raises(ValueError, match="vit must be one of"):
     _config("mvtec", "vit=tiny")
   with pytest.raises(ValueError, match="'steps' must be a int"):
-    config_base.parse_arg("steps=many", steps=3)
+    defaults.parse_arg("steps=many", steps=3)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -51,15 +52,15 @@ def test_validation_names_the_field(field, value, message):
   c = _config("demo")
   section, key = field.split(".")
   c[section][key] = value
-  with pytest.raises(config_validation.ConfigError) as e:
-    config_validation.validate(c)
+  with pytest.raises(ConfigError) as e:
+    validation.validate(c)
   assert message in str(e.value)
 
 
 def test_missing_root_is_explained():
   c = _config("visa")
-  with pytest.raises(config_validation.ConfigError, match="config.data.root must be the dataset folder"):
-    config_validation.validate(c)
+  with pytest.raises(ConfigError, match="config.data.root must be the dataset folder"):
+    validation.validate(c)
 
 
 def test_command_line_rejects_unknown_field(tmp_path):

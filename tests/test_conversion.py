@@ -3,25 +3,25 @@ import functools
 import http.server
 import re
 import shutil
-import sys
 import threading
 import types
 
+from dinov2.models import vision_transformer as dinov2_vit
 import jax
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
 import transformers
-from dinov2.models import vision_transformer as dinov2_vit
 
-import weight_conversion
-from dinomaly_jax import weights
+from dinomaly_jax.errors import CheckpointError
 from dinomaly_jax.models import vit
+from dinomaly_jax.weights import convert as weights_convert
+from dinomaly_jax.weights import converted
+from dinomaly_jax.weights import dinov2_keys
+from dinomaly_jax.weights.torch_files import load_state_dict
 from weight_conversion import convert
 from weight_conversion import download
-from weight_conversion.mappings import CheckpointError
-from weight_conversion.state_dict_io import load_state_dict
 
 
 def tiny_official_state_dict(seed=0, **kwargs):
@@ -75,7 +75,7 @@ def test_hf_bad_keys_use_file_names():
   del state["encoder.layer.1.attention.k_proj.weight"]
   state["encoder.layer.0.mlp.fc2.weight"] = torch.zeros(64, 100)
   with pytest.raises(CheckpointError) as error:
-    convert.convert_dinov2_state_dict(state)
+    dinov2_keys.convert_dinov2_state_dict(state)
   message = str(error.value)
   assert ("incomplete blocks.1.attn.qkv.weight: it fuses 3 tensors, found only "
           "['encoder.layer.1.attention.q_proj.weight', 'encoder.layer.1.attention.v_proj.weight']") in message
@@ -132,8 +132,8 @@ def test_hf_hub_names_equal_transformers5_names(tmp_path):
       hub[f"encoder.layer.{i}.mlp.weights_in.{suffix}"] = torch.cat([gate, up])
   torch.save(hub, tmp_path / "pytorch_model.bin")
   safetensors.torch.save_file(state, tmp_path / "model.safetensors")
-  from_bin, meta = convert.convert_file(tmp_path / "pytorch_model.bin")
-  from_safetensors, _ = convert.convert_file(tmp_path / "model.safetensors")
+  from_bin, meta = weights_convert.convert_file(tmp_path / "pytorch_model.bin")
+  from_safetensors, _ = weights_convert.convert_file(tmp_path / "model.safetensors")
   assert meta["source_format"] == "hf" and meta["ffn"] == "swiglu"
   assert_same_params(from_bin, from_safetensors)
 
@@ -144,11 +144,11 @@ def test_chunked_equals_plain_and_load_encoder_reads_files(tmp_path):
              for k, v in plain.items()}
   torch.save(plain, tmp_path / "plain.pth")
   torch.save(chunked, tmp_path / "chunked.pth")
-  params, meta = weights.load_encoder(tmp_path / "plain.pth")
+  params, meta = converted.load_encoder(tmp_path / "plain.pth")
   assert (meta["vit"], meta["depth"], meta["num_heads"], meta["pos_grid"]) == ("custom", 2, 1, 37)
-  assert_same_params(params, weights.load_encoder(tmp_path / "chunked.pth")[0])
+  assert_same_params(params, converted.load_encoder(tmp_path / "chunked.pth")[0])
   with pytest.raises(ValueError, match="registers=0.*registers=4"):
-    weights.load_encoder(tmp_path / "plain.pth", registers=4)
+    converted.load_encoder(tmp_path / "plain.pth", registers=4)
 
 
 def test_saved_tree_is_the_init_tree(tmp_path):
@@ -157,7 +157,7 @@ def test_saved_tree_is_the_init_tree(tmp_path):
       patch_size=14, image_size=518))
   torch.save(hf.state_dict(), tmp_path / "hf.bin")
   assert convert.main(["--checkpoint", str(tmp_path / "hf.bin"), "--out", str(tmp_path / "out")]) == 0
-  params, meta = weights.load_encoder(tmp_path / "out")
+  params, meta = converted.load_encoder(tmp_path / "out")
   assert meta["source_file"] == str(tmp_path / "hf.bin")
   model = vit.DinoV2Encoder(embed_dim=64, depth=2, num_heads=1, num_registers=4)
   init = model.init(jax.random.PRNGKey(0), np.zeros((1, 28, 28, 3), np.float32), [0])["params"]
@@ -169,16 +169,15 @@ def test_vitill_state_dict_is_delegated(tmp_path, monkeypatch):
   state = dict(encoder, **{"bottleneck.0.fc1.weight": torch.zeros(4, 64),
                            "decoder.0.norm1.weight": torch.zeros(64)})
   calls = []
-  fake = types.ModuleType("weight_conversion.vitill")
+  fake = types.ModuleType("dinomaly_jax.weights.vitill_keys")
   fake.convert_vitill = lambda sd: calls.append(sd) or {
-      "encoder": convert.convert_dinov2_state_dict(sd, prefix="encoder.")[0],
+      "encoder": dinov2_keys.convert_dinov2_state_dict(sd, prefix="encoder.")[0],
       "bottleneck": {"w": np.ones(2, np.float32)}, "decoder": {"w": np.zeros(3, np.float32)}}
-  monkeypatch.setitem(sys.modules, "weight_conversion.vitill", fake)
-  monkeypatch.setattr(weight_conversion, "vitill", fake, raising=False)
+  monkeypatch.setattr(weights_convert, "vitill_keys", fake)
   torch.save(state, tmp_path / "vitill.pth")
   assert convert.main(["--checkpoint", str(tmp_path / "vitill.pth"), "--out", str(tmp_path / "out")]) == 0
   assert len(calls) == 1
-  tree, meta = weights.load_params(tmp_path / "out")
+  tree, meta = converted.load_params(tmp_path / "out")
   assert sorted(tree) == ["bottleneck", "decoder", "encoder"]
   assert meta["source_format"] == "dinomaly-vitill" and meta["depth"] == 2
   np.testing.assert_array_equal(tree["bottleneck"]["w"], np.ones(2))
@@ -215,9 +214,9 @@ def run_download(name, base_url, tmp_path):
 def test_download_verifies_and_converts(mirror, tmp_path):
   base_url, small = mirror
   assert run_download("vits14", base_url, tmp_path) == 0
-  params, meta = weights.load_encoder(tmp_path / "vits14", vit="small", registers=0)
+  params, meta = converted.load_encoder(tmp_path / "vits14", vit="small", registers=0)
   assert (tmp_path / "cache" / "dinov2_vits14_pretrain.pth").read_bytes() == small.read_bytes()
-  assert_same_params(params, convert.convert_file(small)[0]["encoder"])
+  assert_same_params(params, weights_convert.convert_file(small)[0]["encoder"])
 
 
 def test_download_errors(mirror, tmp_path, capsys):

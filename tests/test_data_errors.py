@@ -12,7 +12,7 @@ from dinomaly_jax.data import index
 from dinomaly_jax.data import packed
 from dinomaly_jax.data import pipeline
 from dinomaly_jax.data import visa_prepare
-from dinomaly_jax.data.records import DataError
+from dinomaly_jax.errors import DataError
 from tests.test_data_index import data_config
 from tests.test_data_index import mvtec_tree
 from tests.test_data_index import png

@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from dinomaly_jax import config_base
+from dinomaly_jax.config import defaults
 from dinomaly_jax.data import index
 from dinomaly_jax.data import visa_prepare
 
@@ -19,7 +19,7 @@ def png(path, size=(12, 16), value=128, mode="RGB"):
 
 
 def data_config(layout, root, classes=()):
-  c = config_base.base_config().data
+  c = defaults.base_config().data
   c.layout, c.root, c.classes = layout, str(root), tuple(classes)
   return c
 

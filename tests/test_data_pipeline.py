@@ -5,11 +5,12 @@ import sys
 import numpy as np
 import pytest
 
-from dinomaly_jax import config_base
+from dinomaly_jax.config import defaults
 from dinomaly_jax.data import index
 from dinomaly_jax.data import pipeline
 from dinomaly_jax.data import synthetic
 from dinomaly_jax.data import transforms
+from dinomaly_jax.errors import DataError
 
 BATCH = 3
 
@@ -18,7 +19,7 @@ BATCH = 3
 def fixture_data_config(tmp_path_factory):
   root = synthetic.generate(str(tmp_path_factory.mktemp("demo")), classes=("brick", "nut"),
                             image_size=48, n_train=6, n_test_good=3, n_test_bad=4)
-  c = config_base.base_config().data
+  c = defaults.base_config().data
   c.root, c.resize, c.crop, c.mask_size, c.workers = root, 32, 28, 16, 0
   return c
 
@@ -158,5 +159,5 @@ def test_packed_source_equals_folders(data_config, train_records, tmp_path):
   packed_config.classes = ("nut",)
   assert {r.class_name for r in index.build_records(packed_config, "test")} == {"nut"}
   packed_config.resize = 64
-  with pytest.raises(index.DataError, match="packed at resize 32 but config.data.resize is 64"):
+  with pytest.raises(DataError, match="packed at resize 32 but config.data.resize is 64"):
     index.build_records(packed_config, "train")

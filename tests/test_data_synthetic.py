@@ -5,7 +5,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from dinomaly_jax import config_base
+from dinomaly_jax.config import defaults
 from dinomaly_jax.data import index
 from dinomaly_jax.data import synthetic
 
@@ -23,7 +23,7 @@ def _files(root):
 
 
 def test_layout_indexes_as_mvtec(root):
-  c = config_base.base_config().data
+  c = defaults.base_config().data
   c.root = root
   assert index.list_classes(c) == sorted(synthetic.CLASSES)
   assert len(index.build_records(c, "train")) == 3 * len(synthetic.CLASSES)

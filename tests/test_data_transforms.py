@@ -5,13 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinomaly_jax import config_base
+from dinomaly_jax.config import defaults
 from dinomaly_jax.data import transforms
 
 
 @pytest.fixture(name="data_config")
 def fixture_data_config():
-  return config_base.base_config().data  # protocol sizes 448 / 392 / 256
+  return defaults.base_config().data  # protocol sizes 448 / 392 / 256
 
 
 def _torch_reference_image(path):

@@ -1,17 +1,18 @@
 """Decoder, attention variants, bottleneck, model wiring and its config checks."""
 import functools
 
+from dinov2.layers.block import Block as TorchDinoBlock
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from dinov2.layers.block import Block as TorchDinoBlock
 
-from dinomaly_jax.config_base import base_config
+from dinomaly_jax.config.defaults import base_config
 from dinomaly_jax.models import decoder as dec
-from dinomaly_jax.models.dinomaly import Dinomaly, build_model
+from dinomaly_jax.models.dinomaly import build_model
+from dinomaly_jax.models.dinomaly import Dinomaly
 from dinomaly_jax.models.vit import DinoV2Encoder
 
 RNG = np.random.default_rng(0)

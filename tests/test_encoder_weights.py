@@ -2,15 +2,15 @@
 import importlib
 import os
 
+from dinov2.models import vision_transformer as dinov2_vit
 import jax
 import numpy as np
 import pytest
 import torch
-from dinov2.models import vision_transformer as dinov2_vit
 
-from dinomaly_jax import encoder_weights
-from dinomaly_jax import model_state
-from dinomaly_jax import weights
+from dinomaly_jax.errors import EncoderWeightsError
+from dinomaly_jax.training import model_state
+from dinomaly_jax.weights import converted
 
 
 def _config(**model):
@@ -23,7 +23,7 @@ def _config(**model):
 
 
 def test_real_configs_without_weights_explain_how_to_get_them():
-  with pytest.raises(encoder_weights.EncoderWeightsError) as e:
+  with pytest.raises(EncoderWeightsError) as e:
     model_state.build(_config())
   assert "python -m weight_conversion.convert --download vitb14_reg4" in str(e.value)
 
@@ -31,7 +31,7 @@ def test_real_configs_without_weights_explain_how_to_get_them():
 def test_missing_weights_path_is_named(tmp_path):
   c = _config()
   c.encoder_weights = str(tmp_path / "nope")
-  with pytest.raises(encoder_weights.EncoderWeightsError, match=f"{tmp_path / 'nope'} does not exist"):
+  with pytest.raises(EncoderWeightsError, match=f"{tmp_path / 'nope'} does not exist"):
     model_state.build(c)
 
 
@@ -56,7 +56,7 @@ def test_official_pth_is_converted_once_and_cached(official_pth, tmp_path, monke
   assert len(cached) == 1
   _, again, _ = model_state.build(c)
   assert "Converting" not in capsys.readouterr().out  # reused
-  expected, _ = weights.load_encoder(os.path.join(tmp_path, cached[0]))
+  expected, _ = converted.load_encoder(os.path.join(tmp_path, cached[0]))
   for a, b in zip(jax.tree.leaves(state.encoder_params), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   for a, b in zip(jax.tree.leaves(state.encoder_params), jax.tree.leaves(again.encoder_params)):
@@ -71,6 +71,6 @@ def test_weights_of_another_architecture_are_refused(official_pth, tmp_path, mon
   monkeypatch.setenv("DINOMALY_JAX_CACHE", str(tmp_path))
   c = _config(registers=4)
   c.encoder_weights = official_pth
-  with pytest.raises(encoder_weights.EncoderWeightsError,
+  with pytest.raises(EncoderWeightsError,
                      match="holds ViT-small with 0 registers, but the config asks for ViT-small with 4"):
     model_state.build(c)

@@ -3,17 +3,17 @@ import functools
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from dinomaly_jax import feature_cache
 from dinomaly_jax import sharding
-from dinomaly_jax import train_step
-from dinomaly_jax.config_base import base_config
+from dinomaly_jax.config.defaults import base_config
 from dinomaly_jax.data import pipeline
 from dinomaly_jax.data.records import Record
 from dinomaly_jax.models.dinomaly import Dinomaly
 from dinomaly_jax.models.vit import DinoV2Encoder
+from dinomaly_jax.training import feature_cache
+from dinomaly_jax.training import train_step
 
 IMAGE = 42  # 3 x 3 patches
 STEPS = 5  # 10 images, batch 4: 2 batches per epoch, so the steps cross two reshuffles

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dinomaly_jax import losses
+from dinomaly_jax.training import losses
 
 B, H, W, D = 3, 5, 4, 8
 

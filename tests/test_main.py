@@ -10,14 +10,14 @@ import jax
 import numpy as np
 import pytest
 
-from dinomaly_jax import checkpoint
-from dinomaly_jax import evaluate
-from dinomaly_jax import model_state
 from dinomaly_jax import run
 from dinomaly_jax import sharding
-from dinomaly_jax import train as train_lib
-from dinomaly_jax import train_step
 from dinomaly_jax.data import transforms
+from dinomaly_jax.errors import IncompatibleWorkdirError
+from dinomaly_jax.errors import NonFiniteLossError
+from dinomaly_jax.evaluation import evaluate
+from dinomaly_jax.training import model_state
+from dinomaly_jax.training import train_step
 from tests import main_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,7 +157,7 @@ def test_incompatible_workdir_is_refused(trained):
   c = config.copy_and_resolve_references()
   c.model.decoder_depth = 10
   c.train.lr = 1e-3
-  with pytest.raises(checkpoint.IncompatibleWorkdirError) as e:
+  with pytest.raises(IncompatibleWorkdirError) as e:
     run.run(c, workdir)
   message = str(e.value)
   assert "config.model.decoder_depth: saved 8, now 10" in message
@@ -178,7 +178,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_
 
   monkeypatch.setattr(train_step, "make_train_step", poisoned)
   config = main_helpers.tiny_config(data_root, steps=6, eval_every=0)
-  with pytest.raises(train_lib.NonFiniteLossError, match="nan at step 5.*last good checkpoint is step 3"):
+  with pytest.raises(NonFiniteLossError, match="nan at step 5.*last good checkpoint is step 3"):
     run.run(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
 

@@ -7,9 +7,10 @@ from scipy import ndimage
 from skimage import measure
 from sklearn import metrics as skm
 
-from dinomaly_jax import aupro
-from dinomaly_jax import metrics
-from dinomaly_jax import score_sort
+from benchmarks.direct_aupro import direct_reference_aupro
+from dinomaly_jax.evaluation import aupro
+from dinomaly_jax.evaluation import metrics
+from dinomaly_jax.evaluation import score_sort
 
 
 def _ours(scores, labels):
@@ -81,25 +82,6 @@ def test_negative_zero_ties_with_zero():
   assert ours["f1max"] == pytest.approx(ref["f1max"], abs=1e-15)
 
 
-def _direct_reference_aupro(maps, masks, max_fpr, num):
-  """Dinomaly's definition, one labelling and one pass per threshold (skimage, 8-connected).
-
-  Thresholds as numpy 1.x (the reference's) builds `arange(min, max, (max - min) / num)`
-  from float32 extremes: a float64 step, thresholds compared with the maps in float32.
-  """
-  lo, hi = maps.min(), maps.max()
-  fprs, pros = [], []
-  for th in np.arange(lo, hi, np.float64(hi - lo) / num).astype(np.float32):
-    binary = maps > th
-    overlaps = [binary[i][tuple(region.coords.T)].sum() / region.area
-                for i in range(len(masks)) for region in measure.regionprops(measure.label(masks[i]))]
-    pros.append(np.mean(overlaps))
-    fprs.append(np.logical_and(binary, ~masks).sum() / (~masks).sum())
-  fprs, pros = np.array(fprs), np.array(pros)
-  keep = fprs < max_fpr
-  return skm.auc(fprs[keep] / fprs[keep].max(), pros[keep])
-
-
 def _direct_mvtec_aupro(maps, masks, max_fpr):
   """MVTec-AD's definition: every distinct score a threshold, curve from (0,0) to (1,1)."""
   regions = [(i, region) for i in range(len(masks)) for region in measure.regionprops(measure.label(masks[i]))]
@@ -123,7 +105,7 @@ def test_aupro_reference_matches_direct(seed, levels, max_fpr):
   maps = _maps_for(rng, masks, levels)
   assert aupro.label_regions(masks)[1].size - 1 >= 10  # several regions in the class
   ours = aupro.aupro_reference(maps, masks, max_fpr=max_fpr, num_thresholds=200)
-  assert abs(ours - _direct_reference_aupro(maps, masks, max_fpr, 200)) < 1e-12  # measured 0.0
+  assert abs(ours - direct_reference_aupro(maps, masks, max_fpr, 200)) < 1e-12  # measured 0.0
 
 
 def test_aupro_reference_201_thresholds():
@@ -134,7 +116,7 @@ def test_aupro_reference_201_thresholds():
   maps.reshape(-1)[:2] = lo, hi
   assert aupro.reference_thresholds(maps, 200).size == 201
   ours = aupro.aupro_reference(maps, masks, max_fpr=0.3, num_thresholds=200)
-  assert abs(ours - _direct_reference_aupro(maps, masks, 0.3, 200)) < 1e-12
+  assert abs(ours - direct_reference_aupro(maps, masks, 0.3, 200)) < 1e-12
 
 
 @pytest.mark.parametrize("seed,levels,chunk", [(0, 40, 1 << 22), (1, 0, 1 << 22), (2, 25, 53)])
@@ -157,7 +139,7 @@ def test_class_metrics_matches_sklearn_and_direct():
   assert tuple(result) == metrics.METRIC_NAMES
   image, pixel = _sklearn(scores, labels), _sklearn(maps, masks)
   expected = (image["auroc"], image["ap"], image["f1max"], pixel["auroc"], pixel["ap"], pixel["f1max"],
-              _direct_reference_aupro(maps, masks, 0.3, 200))
+              direct_reference_aupro(maps, masks, 0.3, 200))
   np.testing.assert_allclose(list(result.values()), expected, rtol=0, atol=1e-12)
   mvtec = metrics.class_metrics(scores, labels, maps, masks, aupro="mvtec")
   assert abs(mvtec["AUPRO"] - _direct_mvtec_aupro(maps, masks, 0.3)) < 1e-12

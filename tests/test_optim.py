@@ -6,7 +6,7 @@ import optax
 import optimi
 import torch
 
-from dinomaly_jax import optim
+from dinomaly_jax.training import optim
 
 SHAPES = {"w": (6, 5), "b": (5,)}
 

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from dinomaly_jax import report
-from dinomaly_jax.metrics import METRIC_NAMES
+from dinomaly_jax.evaluation import report
+from dinomaly_jax.evaluation.metrics import METRIC_NAMES
 
 
 def _per_class(names, seed=0):
@@ -58,7 +58,8 @@ def test_bad_input_raises_clear_errors(tmp_path):
 
 def test_pictures_are_written(tmp_path):
   from matplotlib import image as mpl_image  # pylint: disable=g-import-not-at-top
-  from dinomaly_jax import pictures  # pylint: disable=g-import-not-at-top
+
+  from dinomaly_jax.evaluation import pictures  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
   maps = rng.random((2, 32, 32), dtype=np.float32)

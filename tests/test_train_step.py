@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from dinomaly_jax import sharding
-from dinomaly_jax import train_step as ts
-from dinomaly_jax.config_base import base_config
+from dinomaly_jax.config.defaults import base_config
 from dinomaly_jax.models.dinomaly import Dinomaly
 from dinomaly_jax.models.vit import DinoV2Encoder
+from dinomaly_jax.training import train_step as ts
 
 IMAGE = 42  # 3 x 3 patches
 

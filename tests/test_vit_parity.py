@@ -20,39 +20,25 @@ import importlib.machinery
 import sys
 import types
 
+from dinov2.models import vision_transformer as dinov2_vit
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
-from dinov2.models import vision_transformer as dinov2_vit
 
-from dinomaly_jax import weights
+from benchmarks.torch_weights import official_layers
+from benchmarks.torch_weights import randomize_
 from dinomaly_jax.models import pos_embed
 from dinomaly_jax.models import vit
+from dinomaly_jax.weights import converted
+from dinomaly_jax.weights import dinov2_keys
 from weight_conversion import convert
-from weight_conversion import mappings
 
 PROTOCOL_LAYERS = [2, 3, 4, 5, 6, 7, 8, 9]
 FP32_TOL = 1e-4
 SIZES = [(224, 224), (392, 392), (224, 308)]
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-  """Fills every parameter with non-trivial random values (in place)."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      if name.endswith(("gamma", "lambda1")):  # LayerScale
-        p.copy_(torch.rand(p.shape, generator=gen) * 0.9 + 0.1)
-      elif "norm" in name and name.endswith("weight"):
-        p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-      elif p.ndim > 1 and not any(t in name for t in ("token", "pos", "position")):
-        p.copy_(torch.randn(p.shape, generator=gen) * p[0].numel() ** -0.5)
-      else:  # biases, cls/register/mask tokens, position embeddings
-        p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-  return module.eval()
 
 
 def random_images(batch, hw, seed=0):
@@ -61,7 +47,7 @@ def random_images(batch, hw, seed=0):
 
 def convert_cli(checkpoint, out_dir):
   assert convert.main(["--checkpoint", str(checkpoint), "--out", str(out_dir)]) == 0
-  return weights.load_encoder(out_dir)
+  return converted.load_encoder(out_dir)
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,7 +57,7 @@ def _jitted_apply(model, layers):
 
 def encoder_outputs(params, meta, images_nchw, layers, dtype=jnp.float32):
   if meta["vit"] == "custom":
-    model = mappings.encoder_from_arch(meta, dtype=dtype)
+    model = dinov2_keys.encoder_from_arch(meta, dtype=dtype)
   else:
     model = vit.build_encoder(meta["vit"], meta["registers"], dtype=dtype, pos_grid=meta["pos_grid"])
   outputs = _jitted_apply(model, tuple(layers))(params, jnp.asarray(images_nchw.transpose(0, 2, 3, 1)))
@@ -81,15 +67,6 @@ def encoder_outputs(params, meta, images_nchw, layers, dtype=jnp.float32):
 def max_error(reference, outputs):
   assert [r.shape for r in reference] == [o.shape for o in outputs]
   return max(float(np.abs(r - o).max()) for r, o in zip(reference, outputs))
-
-
-def official_layers(model, images, layers):
-  with torch.no_grad():
-    if model.chunked_blocks:
-      outputs = model._get_intermediate_layers_chunked(torch.from_numpy(images), layers)
-    else:
-      outputs = model._get_intermediate_layers_not_chunked(torch.from_numpy(images), layers)
-  return [o.numpy() for o in outputs]
 
 
 def use_official_interpolation(hf_model):

@@ -2,21 +2,21 @@
 import functools
 import re
 
+from dinov2.layers.block import Block as TorchDinoBlock
+from dinov2.layers.mlp import Mlp as TorchMlp
+from dinov2.models import vision_transformer as dinov2_vit
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from dinov2.layers.block import Block as TorchDinoBlock
-from dinov2.layers.mlp import Mlp as TorchMlp
-from dinov2.models import vision_transformer as dinov2_vit
 
+from dinomaly_jax.errors import CheckpointError
 from dinomaly_jax.models import decoder as dec
 from dinomaly_jax.models.dinomaly import Dinomaly
-from weight_conversion import convert
-from weight_conversion import mappings
-from weight_conversion.mappings import CheckpointError
-from weight_conversion.vitill import convert_vitill
+from dinomaly_jax.weights import convert as weights_convert
+from dinomaly_jax.weights import dinov2_keys
+from dinomaly_jax.weights.vitill_keys import convert_vitill
 
 D, DEPTH = 64, 3
 
@@ -82,7 +82,7 @@ def test_every_tensor_lands_where_it_belongs():
     np.testing.assert_array_equal(_leaf(params, _flax_path(key)), expected, err_msg=key)
   n_leaves = len(jax.tree.leaves({k: params[k] for k in ("bottleneck", "decoder")}))
   assert n_leaves == len(trained)  # nothing else in the tree
-  encoder_params, _ = convert.convert_dinov2_state_dict(state, prefix="encoder.")
+  encoder_params, _ = dinov2_keys.convert_dinov2_state_dict(state, prefix="encoder.")
   for a, b in zip(jax.tree.leaves(params["encoder"]), jax.tree.leaves(encoder_params)):
     np.testing.assert_array_equal(a, b)
 
@@ -90,8 +90,8 @@ def test_every_tensor_lands_where_it_belongs():
 def test_converted_tree_is_the_model_tree_and_computes_like_torch():
   state, torch_decoder = _vitill_state_dict()
   params = convert_vitill(state)
-  _, meta = convert.convert_dinov2_state_dict(state, prefix="encoder.")
-  model = Dinomaly(encoder=mappings.encoder_from_arch(meta), target_layers=(0, 1, 2, 3),
+  _, meta = dinov2_keys.convert_dinov2_state_dict(state, prefix="encoder.")
+  model = Dinomaly(encoder=dinov2_keys.encoder_from_arch(meta), target_layers=(0, 1, 2, 3),
                    fuse_groups=((0, 1), (2,)), decoder_depth=DEPTH, decoder_attention="softmax")
   images = jnp.zeros((1, 28, 28, 3))
   init_shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))["params"]
@@ -150,6 +150,6 @@ def test_not_a_vitill_state_dict():
 
 def test_convert_entry_point_uses_it():
   state, _ = _vitill_state_dict()
-  tree, meta = convert.convert_state_dict(state)
+  tree, meta = weights_convert.convert_state_dict(state)
   assert meta["source_format"] == "dinomaly-vitill"
   np.testing.assert_array_equal(tree["bottleneck"]["fc2"]["bias"], state["bottleneck.0.fc2.bias"].numpy())

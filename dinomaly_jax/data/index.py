@@ -5,8 +5,8 @@ from dinomaly_jax.data import packed
 from dinomaly_jax.data import realiad
 from dinomaly_jax.data import validate
 from dinomaly_jax.data import visa
-from dinomaly_jax.data.records import DataError
 from dinomaly_jax.data.records import Record
+from dinomaly_jax.errors import DataError
 
 LAYOUTS = {"mvtec": mvtec, "mpdd": mvtec, "btad": mvtec, "visa": visa, "realiad": realiad,
            "folder": folder}

@@ -9,9 +9,9 @@ Images and masks are paired by file name (the reference pairs them by sorted ord
 """
 import os
 
-from dinomaly_jax.data.records import DataError
 from dinomaly_jax.data.records import GOOD
 from dinomaly_jax.data.records import Record
+from dinomaly_jax.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NORMAL_DIRS = (GOOD, "ok")

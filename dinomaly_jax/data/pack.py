@@ -13,10 +13,10 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from dinomaly_jax import config_base
+from dinomaly_jax.config import defaults
 from dinomaly_jax.data import index
 from dinomaly_jax.data import packed
-from dinomaly_jax.data.records import DataError
+from dinomaly_jax.errors import DataError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).")
 _LAYOUT = flags.DEFINE_string("layout", None, "Dataset layout, without --config.")
@@ -27,7 +27,7 @@ _WORKERS = flags.DEFINE_integer("workers", os.cpu_count(), "Encoding processes (
 
 def main(argv) -> None:
   del argv
-  config = _CONFIG.value or config_base.base_config()
+  config = _CONFIG.value or defaults.base_config()
   if _LAYOUT.value:
     config.data.layout = _LAYOUT.value
   if _ROOT.value:

@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from dinomaly_jax.data import transforms
-from dinomaly_jax.data.records import DataError
 from dinomaly_jax.data.records import Record
+from dinomaly_jax.errors import DataError
 
 METADATA_FILE = "dinomaly_pack.json"
 DATASET_NAME = "dinomaly_pack"
@@ -54,8 +54,8 @@ def _encode(args: tuple[Record, int]) -> tuple[bytes, bytes]:
 def write(records: dict[str, list[Record]], out_dir: str, resize: int, workers: int = 0,
           description: str = "") -> None:
   """Writes the records of each split as a TFDS array_record dataset in out_dir."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from tensorflow_datasets.core import example_serializer  # pylint: disable=g-import-not-at-top
   if os.path.exists(os.path.join(out_dir, METADATA_FILE)):
     raise DataError(f"{out_dir}: already holds a packed dataset; expected a new folder.")

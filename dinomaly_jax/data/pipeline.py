@@ -22,8 +22,8 @@ import numpy as np
 
 from dinomaly_jax.data import packed
 from dinomaly_jax.data import transforms
-from dinomaly_jax.data.records import DataError
 from dinomaly_jax.data.records import Record
+from dinomaly_jax.errors import DataError
 
 WORKER_THREADS = 2  # batches decoded at once in each worker process
 IN_PROCESS_THREADS = min(16, os.cpu_count() or 1)  # ... without worker processes

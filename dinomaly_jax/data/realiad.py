@@ -10,9 +10,9 @@ import json
 import os
 
 from dinomaly_jax.data import mvtec
-from dinomaly_jax.data.records import DataError
 from dinomaly_jax.data.records import GOOD
 from dinomaly_jax.data.records import Record
+from dinomaly_jax.errors import DataError
 
 IMAGES_DIR = "realiad_1024"
 NORMAL_CLASS = "OK"

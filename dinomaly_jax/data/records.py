@@ -1,11 +1,7 @@
-"""The record every dataset layout produces, and the error for bad input data."""
+"""The record every dataset layout produces."""
 import dataclasses
 
 GOOD = "good"  # defect type of normal images
-
-
-class DataError(ValueError):
-  """Bad input data: the message names the file or folder and what was expected."""
 
 
 @dataclasses.dataclass(frozen=True)

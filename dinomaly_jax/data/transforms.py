@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 from PIL import Image
 
-from dinomaly_jax.data.records import DataError
+from dinomaly_jax.errors import DataError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)

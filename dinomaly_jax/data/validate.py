@@ -10,8 +10,8 @@ import os
 from PIL import Image
 
 from dinomaly_jax.data import transforms
-from dinomaly_jax.data.records import DataError
 from dinomaly_jax.data.records import Record
+from dinomaly_jax.errors import DataError
 
 _PNG_END = b"IEND\xaeB`\x82"
 _JPEG_END = b"\xff\xd9"

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from dinomaly_jax.data import visa
-from dinomaly_jax.data.records import DataError
+from dinomaly_jax.errors import DataError
 
 COLUMNS = ("object", "split", "label", "image", "mask")
 

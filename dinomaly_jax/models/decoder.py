@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ATTENTION_KINDS = ("linear", "qk_v_linear", "softmax")
+from dinomaly_jax.models import structure
+
+ATTENTION_KINDS = structure.DECODER_ATTENTION_KINDS
 LINEAR_KERNEL_INIT = nn.initializers.truncated_normal(stddev=0.01, lower=-3.0, upper=3.0)
 DECODER_LN_EPS = 1e-8
 

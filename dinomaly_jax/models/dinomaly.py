@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dinomaly_jax.models import decoder as decoder_lib
+from dinomaly_jax.models import structure
 from dinomaly_jax.models import vit
 
 
@@ -43,8 +44,11 @@ class Dinomaly(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
-    validate_structure(self.target_layers, self.fuse_groups, self.decoder_depth,
-                       self.decoder_attention, self.mask_neighbor_size, self.conv_decoder_kernel)
+    structure.check_structure(
+        encoder_depth=self.encoder.depth, encoder_name=type(self.encoder).__name__,
+        target_layers=self.target_layers, fuse_groups=self.fuse_groups,
+        decoder_depth=self.decoder_depth, decoder_attention=self.decoder_attention,
+        mask_neighbor_size=self.mask_neighbor_size, conv_decoder_kernel=self.conv_decoder_kernel)
     self.bottleneck = decoder_lib.NoisyBottleneck(self.bottleneck_ratio, self.bottleneck_dropout,
                                                   self.dtype)
     self.decoder = decoder_lib.Decoder(
@@ -77,32 +81,15 @@ class Dinomaly(nn.Module):
     return enc_groups, self.decode(bottleneck_input, self.grid_hw(images), train=train)
 
 
-def validate_structure(target_layers, fuse_groups, decoder_depth, decoder_attention,
-                       mask_neighbor_size, conv_decoder_kernel):
-  """Raises one ValueError naming the config field that cannot work."""
-  if not target_layers:
-    raise ValueError("model.target_layers is empty; expected encoder block indices.")
-  if decoder_depth < 1:
-    raise ValueError(f"model.decoder_depth={decoder_depth}; expected >= 1.")
-  limit = min(len(target_layers), decoder_depth)
-  if not fuse_groups or any(not g for g in fuse_groups) or any(
-      not 0 <= i < limit for g in fuse_groups for i in g):
-    raise ValueError(f"model.fuse_groups={[list(g) for g in fuse_groups]}: expected non-empty "
-                     f"groups of indices in [0, {limit}) (len(target_layers)="
-                     f"{len(target_layers)}, decoder_depth={decoder_depth}).")
-  if decoder_attention not in decoder_lib.ATTENTION_KINDS:
-    raise ValueError(f"model.decoder_attention={decoder_attention!r}; expected one of "
-                     f"{decoder_lib.ATTENTION_KINDS}.")
-  if mask_neighbor_size < 0 or (mask_neighbor_size > 0 and decoder_attention == "linear"):
-    raise ValueError(f"model.mask_neighbor_size={mask_neighbor_size} with decoder_attention="
-                     f"{decoder_attention!r}: a neighbour mask needs 'softmax' or 'qk_v_linear' "
-                     "(linear attention never forms the N x N weights), and a size >= 0.")
-  if conv_decoder_kernel and (conv_decoder_kernel < 0 or conv_decoder_kernel % 2 == 0):
-    raise ValueError(f"model.conv_decoder_kernel={conv_decoder_kernel}; expected 0 (transformer "
-                     "decoder) or an odd kernel size such as 3, 5, 7.")
-  if conv_decoder_kernel and mask_neighbor_size:
-    raise ValueError("model.mask_neighbor_size applies to attention decoders only; set it to 0 "
-                     "with model.conv_decoder_kernel > 0.")
+def check_model_config(model_config) -> None:
+  """Raises ConfigError naming the first `config.model` structure field that cannot work."""
+  structure.check_structure(
+      encoder_depth=vit.VIT_VARIANTS[model_config.vit]["depth"],
+      encoder_name=f"ViT-{model_config.vit}", target_layers=model_config.target_layers,
+      fuse_groups=model_config.fuse_groups, decoder_depth=model_config.decoder_depth,
+      decoder_attention=model_config.decoder_attention,
+      mask_neighbor_size=model_config.mask_neighbor_size,
+      conv_decoder_kernel=model_config.conv_decoder_kernel)
 
 
 def build_model(model_config) -> Dinomaly:
@@ -110,12 +97,7 @@ def build_model(model_config) -> Dinomaly:
   dtype = jnp.dtype(model_config.dtype)
   encoder = vit.build_encoder(model_config.vit, model_config.registers, dtype,
                               model_config.attention_impl)
-  if max(model_config.target_layers) >= encoder.depth or min(model_config.target_layers) < 0:
-    raise ValueError(f"model.target_layers={list(model_config.target_layers)}: indices must lie in "
-                     f"[0, {encoder.depth}) for vit={model_config.vit!r}.")
-  validate_structure(model_config.target_layers, model_config.fuse_groups,
-                     model_config.decoder_depth, model_config.decoder_attention,
-                     model_config.mask_neighbor_size, model_config.conv_decoder_kernel)
+  check_model_config(model_config)
   return Dinomaly(
       encoder=encoder,
       target_layers=tuple(model_config.target_layers),

@@ -36,30 +36,22 @@ class LayerScale(nn.Module):
     return x * gamma.astype(x.dtype)
 
 
-class Mlp(nn.Module):
-  """fc1 -> exact GELU -> fc2."""
+class FeedForward(nn.Module):
+  """DINOv2's block MLP. kind "mlp": fc1 -> exact GELU -> fc2;
+  kind "swiglu": w12 -> silu(x1) * x2 -> w3 (DINOv2 `SwiGLUFFNFused`)."""
   hidden_dim: int
+  kind: str
   dtype: Any
 
   @nn.compact
-  def __call__(self, x):
-    dim = x.shape[-1]
-    x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)
-    return nn.Dense(dim, dtype=self.dtype, name="fc2")(x)
-
-
-class SwiGLU(nn.Module):
-  """w12 -> silu(x1) * x2 -> w3 (DINOv2 `SwiGLUFFNFused`)."""
-  hidden_dim: int
-  dtype: Any
-
-  @nn.compact
-  def __call__(self, x):
-    dim = x.shape[-1]
-    x12 = nn.Dense(2 * self.hidden_dim, dtype=self.dtype, name="w12")(x)
-    x1, x2 = jnp.split(x12, 2, axis=-1)
-    return nn.Dense(dim, dtype=self.dtype, name="w3")(nn.silu(x1) * x2)
+  def __call__(self, x):  # (B, N, D) -> (B, N, D)
+    if self.kind == "swiglu":
+      x1, x2 = jnp.split(nn.Dense(2 * self.hidden_dim, dtype=self.dtype, name="w12")(x), 2, axis=-1)
+      hidden, out_name = nn.silu(x1) * x2, "w3"
+    else:
+      hidden = nn.gelu(nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x), approximate=False)
+      out_name = "fc2"
+    return nn.Dense(x.shape[-1], dtype=self.dtype, name=out_name)(hidden)
 
 
 class Attention(nn.Module):
@@ -92,8 +84,7 @@ class Block(nn.Module):
     norm = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
     y = Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(norm("norm1")(x))
     x = x + LayerScale(name="ls1")(y)
-    ffn_cls = {"mlp": Mlp, "swiglu": SwiGLU}[self.ffn]
-    y = ffn_cls(self.ffn_hidden_dim, self.dtype, name="mlp")(norm("norm2")(x))
+    y = FeedForward(self.ffn_hidden_dim, self.ffn, self.dtype, name="mlp")(norm("norm2")(x))
     return x + LayerScale(name="ls2")(y)
 
 

@@ -9,13 +9,13 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from dinomaly_jax import anomaly_map
-from dinomaly_jax import evaluate
-from dinomaly_jax import model_state
-from dinomaly_jax import pictures
 from dinomaly_jax import sharding
 from dinomaly_jax.data import transforms
-from dinomaly_jax.data.records import DataError
+from dinomaly_jax.errors import DataError
+from dinomaly_jax.evaluation import anomaly_map
+from dinomaly_jax.evaluation import evaluate
+from dinomaly_jax.evaluation import pictures
+from dinomaly_jax.training import model_state
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 

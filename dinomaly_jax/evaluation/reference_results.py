@@ -4,7 +4,7 @@ Class means in percent, from /work/shared/PROTOCOL.md. Keyed by `config.data.lay
 a run is compared with them only when its classes are among the dataset's own (MPDD
 and BTAD share the MVTec layout but not its classes, and get no published row).
 """
-from dinomaly_jax.metrics import METRIC_NAMES
+from dinomaly_jax.evaluation.metrics import METRIC_NAMES
 
 SOURCE = "Dinomaly (CVPR 2025), multi-class, ViT-B/14-reg4, 392 crop"
 

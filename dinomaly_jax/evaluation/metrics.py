@@ -16,8 +16,8 @@ import warnings
 
 import numpy as np
 
-from dinomaly_jax import aupro as aupro_lib
-from dinomaly_jax import score_sort
+from dinomaly_jax.evaluation import aupro as aupro_lib
+from dinomaly_jax.evaluation import score_sort
 
 METRIC_NAMES = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
 AUPRO_MODES = ("reference", "mvtec")

@@ -21,15 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dinomaly_jax.errors import CheckpointError
 from dinomaly_jax.models import vit
 
 # Official keys that the encoder does not use (features are raw block outputs).
 UNUSED_OFFICIAL_KEYS = ("mask_token", "norm.weight", "norm.bias")
 DINOV2_HEAD_DIM = 64  # every published DINOv2 ViT uses 64-dim heads
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be converted; the message lists every problem."""
 
 
 def to_numpy(value) -> np.ndarray:
@@ -244,3 +241,26 @@ def official_to_params(official: Mapping[str, np.ndarray], model: vit.DinoV2Enco
   if problems:
     raise CheckpointError("\n  ".join([f"{len(problems)} problem(s):"] + problems))
   return _unflatten(flat)
+
+
+def convert_dinov2_state_dict(state_dict: Mapping, prefix: str = "", expect_vit: str | None = None,
+                              expect_registers: int | None = None,
+                              expect_pos_grid: int | None = None) -> tuple[dict, dict]:
+  """DINOv2 encoder state dict (keys under `prefix`) -> (encoder params, meta).
+
+  The architecture is read from the shapes; `expect_*` turn a different one
+  into an error. Raises CheckpointError listing every bad key.
+  """
+  state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+  if not state:
+    raise CheckpointError(f"No keys start with {prefix!r} (first keys: {sorted(state_dict)[:8]}).")
+  official, names, source_format, problems = to_official(state)
+  arch = detect_architecture(official)
+  expected = dict(vit=expect_vit, num_registers=expect_registers, pos_grid=expect_pos_grid)
+  wrong = [f"{field}={arch[field]!r} (expected {want!r})"
+           for field, want in expected.items() if want is not None and arch[field] != want]
+  if wrong:
+    raise CheckpointError(f"Checkpoint is not the expected architecture: {', '.join(wrong)}.")
+  params = official_to_params(official, encoder_from_arch(arch), names, problems)
+  meta = dict(arch, registers=arch["num_registers"], source_format=source_format)
+  return params, meta

@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dinomaly_jax import losses
 from dinomaly_jax import sharding
 from dinomaly_jax.models.dinomaly import Dinomaly
-from dinomaly_jax.optim import make_optimizer, make_schedule  # make_optimizer: public here too
+from dinomaly_jax.training import losses
+from dinomaly_jax.training.optim import make_optimizer  # make_optimizer: public here too
+from dinomaly_jax.training.optim import make_schedule
 
 
 @flax.struct.dataclass

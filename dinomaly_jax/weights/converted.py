@@ -9,6 +9,8 @@ import pathlib
 
 import orbax.checkpoint as ocp
 
+from dinomaly_jax.weights import convert
+
 PARAMS_DIR = "params"
 META_FILE = "meta.json"
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -45,7 +47,6 @@ def load_encoder(path, vit: str | None = None, registers: int | None = None) -> 
   """
   path = pathlib.Path(path)
   if path.is_file() and path.suffix in _CHECKPOINT_SUFFIXES:
-    from weight_conversion import convert  # Imported here: needs torch.
     tree, meta = convert.convert_file(path)
   else:
     tree, meta = load_params(path)

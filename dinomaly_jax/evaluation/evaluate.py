@@ -3,19 +3,18 @@ import json
 import os
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from dinomaly_jax import anomaly_map
-from dinomaly_jax import metrics
-from dinomaly_jax import model_state
-from dinomaly_jax import pictures
-from dinomaly_jax import report
 from dinomaly_jax import sharding
 from dinomaly_jax.data import pipeline
 from dinomaly_jax.data import transforms
+from dinomaly_jax.evaluation import anomaly_map
+from dinomaly_jax.evaluation import metrics
+from dinomaly_jax.evaluation import pictures
+from dinomaly_jax.evaluation import report
 
 THRESHOLDS_FILE = "thresholds.json"
 POOLED = "__all__"  # the threshold over all classes' test images, for images of unknown class
@@ -64,10 +63,12 @@ def predict_records(config, map_fn, variables, records, mesh, desc="eval"):
   return maps, scores, masks
 
 
-def evaluate(config, workdir, model, state, records, *, step, mesh) -> dict:
-  """Scores every test record, writes the report, thresholds and pictures (process 0)."""
+def evaluate(config, workdir, model, variables, records, *, step, mesh) -> dict:
+  """Scores every test record, writes the report, thresholds and pictures (process 0).
+
+  `variables`: the Dinomaly module's variables ({"params": {encoder, bottleneck, decoder}}).
+  """
   map_fn = make_map_fn(model, config)
-  variables = model_state.variables(state)
   by_class = {}
   for r_i, r in enumerate(records):
     by_class.setdefault(r.class_name, []).append(r_i)
@@ -114,12 +115,3 @@ def _save_pictures(config, out_dir, name, records, maps, masks, scores, labels, 
   pic_dir = os.path.join(out_dir, "pictures")
   pictures.save_strips(pic_dir, name, images, masks[chosen], maps[chosen], threshold, names)
   pictures.save_score_plots(pic_dir, name, scores, labels)
-
-
-def evaluate_workdir(config, workdir, step: int | None = None) -> dict:
-  """Eval mode: restores the latest checkpoint of `workdir` and evaluates it."""
-  from dinomaly_jax.data import index as data_index  # pylint: disable=g-import-not-at-top
-  records = data_index.build_records(config.data, "test")
-  mesh = sharding.make_mesh()
-  model, state = model_state.load_trained(config, workdir, mesh, step)
-  return evaluate(config, workdir, model, state, records, step=int(state.step), mesh=mesh)

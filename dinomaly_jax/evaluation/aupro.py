@@ -23,7 +23,7 @@ import warnings
 import numpy as np
 from scipy import ndimage
 
-from dinomaly_jax import score_sort
+from dinomaly_jax.evaluation import score_sort
 
 _EIGHT_CONNECTED = np.ones((3, 3), bool)  # skimage.measure.label's default in 2-d
 

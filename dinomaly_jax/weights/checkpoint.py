@@ -11,6 +11,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from dinomaly_jax.errors import IncompatibleWorkdirError
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -19,10 +21,6 @@ CHECKPOINT_DIR = "checkpoints"
 _FREE_FIELDS = ("mode", "encoder_weights", "model.attention_impl", "data.root", "data.workers", "data.packed",
                 "train.log_every", "train.eval_every", "train.checkpoint_every",
                 "train.keep_checkpoints", "train.stop_after", "eval.", "predict.", "export.")
-
-
-class IncompatibleWorkdirError(RuntimeError):
-  """The work directory holds a run of a different configuration."""
 
 
 def _is_free(field: str) -> bool:

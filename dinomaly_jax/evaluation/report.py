@@ -10,8 +10,8 @@ import json
 import math
 import os
 
-from dinomaly_jax import reference_results
-from dinomaly_jax.metrics import METRIC_NAMES
+from dinomaly_jax.evaluation import reference_results
+from dinomaly_jax.evaluation.metrics import METRIC_NAMES
 
 MEAN = "mean"
 

@@ -144,3 +144,19 @@ def set_vit(c: ml_collections.ConfigDict, vit: str) -> None:
     raise ValueError(f"vit must be one of {sorted(VIT_TARGET_LAYERS)}, got {vit!r}.")
   c.model.vit = vit
   c.model.target_layers = list(VIT_TARGET_LAYERS[vit])
+
+
+def dataset_config(arg: str | None, data_layout: str, *, multi_class_steps: int = 10_000,
+                   **extra_args) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+  """(parsed arguments, config) for a dataset config file.
+
+  Arguments `vit=small|base|large|giant` and `sep` (class-separated: 5,000 steps per
+  class, the protocol's; else `multi_class_steps`), plus `extra_args` with their defaults.
+  """
+  a = parse_arg(arg, vit="base", sep=False, **extra_args)
+  c = base_config()
+  set_vit(c, a.vit)
+  c.data.layout = data_layout
+  c.data.class_separated = a.sep
+  c.train.steps = 5_000 if a.sep else multi_class_steps
+  return a, c

@@ -4,6 +4,10 @@ import os
 
 import ml_collections
 
+from dinomaly_jax.errors import EncoderWeightsError
+from dinomaly_jax.weights import convert
+from dinomaly_jax.weights import converted
+
 HOW_TO_GET_WEIGHTS = """\
 No encoder weights: set --config.encoder_weights to a directory written by
   python -m weight_conversion.convert --download vitb14_reg4 --out weights/dinov2_vitb14_reg4
@@ -11,10 +15,6 @@ No encoder weights: set --config.encoder_weights to a directory written by
 https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth),
 or to the official .pth file itself (it is converted once and cached).
 Only the demo runs with random encoder weights (config.random_encoder=True)."""
-
-
-class EncoderWeightsError(ValueError):
-  """The encoder weights are missing or do not fit the configured model."""
 
 
 def cache_dir() -> str:
@@ -32,11 +32,10 @@ def load_pretrained(config: ml_collections.ConfigDict) -> dict:
     raise EncoderWeightsError(HOW_TO_GET_WEIGHTS)
   if not os.path.exists(path):
     raise EncoderWeightsError(f"config.encoder_weights: {path} does not exist.\n{HOW_TO_GET_WEIGHTS}")
-  from dinomaly_jax import weights  # pylint: disable=g-import-not-at-top
   if os.path.isfile(path):
     path = _convert_cached(path)
   try:
-    tree, meta = weights.load_params(path)
+    tree, meta = converted.load_params(path)
   except FileNotFoundError as e:
     raise EncoderWeightsError(f"config.encoder_weights: {e}") from None
   expected = (config.model.vit, config.model.registers)
@@ -51,13 +50,11 @@ def load_pretrained(config: ml_collections.ConfigDict) -> dict:
 
 def _convert_cached(checkpoint: str) -> str:
   """Converts a PyTorch checkpoint once; later runs reuse the converted directory."""
-  from dinomaly_jax import weights  # pylint: disable=g-import-not-at-top
-  from weight_conversion import convert  # pylint: disable=g-import-not-at-top
   stat = os.stat(checkpoint)
   key = hashlib.sha1(f"{os.path.abspath(checkpoint)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
   out = os.path.join(cache_dir(), f"{os.path.basename(checkpoint)}-{key}")
-  if not os.path.exists(os.path.join(out, weights.META_FILE)):
+  if not os.path.exists(os.path.join(out, converted.META_FILE)):
     print(f"Converting {checkpoint} -> {out} (once; cached for later runs)", flush=True)
     tree, meta = convert.convert_file(checkpoint)
-    weights.save_params(out, tree, meta)
+    converted.save_params(out, tree, meta)
   return out

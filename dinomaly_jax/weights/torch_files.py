@@ -1,7 +1,7 @@
 """Safe reading of PyTorch checkpoints: torch.load(weights_only=True) or safetensors."""
 import pathlib
 
-from weight_conversion.mappings import CheckpointError
+from dinomaly_jax.errors import CheckpointError
 
 _WRAPPER_KEYS = ("state_dict", "model")  # common {"model": state_dict} wrappers
 

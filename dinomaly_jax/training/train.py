@@ -6,20 +6,17 @@ import jax
 import ml_collections
 from tqdm import tqdm
 
-from dinomaly_jax import checkpoint
-from dinomaly_jax import config_validation
-from dinomaly_jax import evaluate
-from dinomaly_jax import feature_cache
-from dinomaly_jax import metric_writer
-from dinomaly_jax import model_state
 from dinomaly_jax import sharding
-from dinomaly_jax import train_step
 from dinomaly_jax.data import index as data_index
 from dinomaly_jax.data import pipeline
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or infinite."""
+from dinomaly_jax.errors import ConfigError
+from dinomaly_jax.errors import NonFiniteLossError
+from dinomaly_jax.evaluation import evaluate
+from dinomaly_jax.training import feature_cache
+from dinomaly_jax.training import metric_writer
+from dinomaly_jax.training import model_state
+from dinomaly_jax.training import train_step
+from dinomaly_jax.weights import checkpoint
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -38,7 +35,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _log(f"Resumed from the checkpoint of step {start} in {workdir}.")
   n_proc, batch = jax.process_count(), config.train.batch_size
   if batch % n_proc:
-    raise config_validation.ConfigError(
+    raise ConfigError(
         f"config.train.batch_size must be divisible by the number of processes ({n_proc}), got {batch}.")
   if config.data.cache_features:
     batches, step_fn = feature_cache.cached_training(
@@ -77,14 +74,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last_good_checkpoint = done
       if _due(done, config.train.eval_every) and not is_last:
         mngr.wait_until_finished()
-        _log_eval(writer, done, evaluate.evaluate(config, workdir, model, state, test_records,
-                                                  step=done, mesh=mesh))
+        _log_eval(writer, done, evaluate.evaluate(config, workdir, model, model_state.variables(state),
+                                                  test_records, step=done, mesh=mesh))
     bar.close()
     mngr.wait_until_finished()
     if end < config.train.steps:
       _log(f"Stopped after step {end} (config.train.stop_after); run again in {workdir} to resume.")
     else:
-      result = evaluate.evaluate(config, workdir, model, state, test_records, step=end, mesh=mesh)
+      result = evaluate.evaluate(config, workdir, model, model_state.variables(state), test_records,
+                                 step=end, mesh=mesh)
       _log_eval(writer, end, result)
   finally:
     bar.close()

@@ -15,8 +15,9 @@ from typing import Mapping
 
 import numpy as np
 
-from weight_conversion import convert
-from weight_conversion.mappings import CheckpointError, to_numpy
+from dinomaly_jax.errors import CheckpointError
+from dinomaly_jax.weights import dinov2_keys
+from dinomaly_jax.weights.dinov2_keys import to_numpy
 
 _BLOCK_KEY = re.compile(r"^decoder\.(\d+)\.")
 
@@ -79,7 +80,7 @@ def describe_architecture(state_dict: Mapping) -> dict:
 
 def convert_vitill(state_dict: Mapping) -> dict:
   """ViTill state dict (torch tensors or arrays) -> {"encoder", "bottleneck", "decoder"} trees."""
-  encoder_params, _ = convert.convert_dinov2_state_dict(state_dict, prefix="encoder.")
+  encoder_params, _ = dinov2_keys.convert_dinov2_state_dict(state_dict, prefix="encoder.")
   trained = {k: v for k, v in state_dict.items() if not k.startswith("encoder.")}
   arch = describe_architecture(trained)
   if arch["depth"] == 0:

@@ -3,7 +3,7 @@
 Writes <workdir>/export/: inference.jax_export (StableHLO, symbolic batch size),
 params.npz (the parameters, in the order the function takes them) and
 export_info.json (input size, normalisation, map size). Load it with
-`dinomaly_jax.exported_model.load` (which imports nothing else of this package)
+`dinomaly_jax.inference.exported_model.load` (which imports nothing else of this package)
 or the few lines of the README.
 """
 import copy
@@ -14,10 +14,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from dinomaly_jax import evaluate
-from dinomaly_jax import model_state
 from dinomaly_jax import sharding
 from dinomaly_jax.data import transforms
+from dinomaly_jax.evaluation import evaluate
+from dinomaly_jax.training import model_state
 
 EXPORT_DIR = "export"
 

@@ -4,11 +4,11 @@ import os
 import jax
 import ml_collections
 
-from dinomaly_jax import checkpoint
-from dinomaly_jax import encoder_weights
 from dinomaly_jax import sharding
-from dinomaly_jax import train_step
 from dinomaly_jax.models import dinomaly
+from dinomaly_jax.training import train_step
+from dinomaly_jax.weights import checkpoint
+from dinomaly_jax.weights import encoder_weights
 
 
 def build(config: ml_collections.ConfigDict):

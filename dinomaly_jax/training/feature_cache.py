@@ -12,17 +12,17 @@ import itertools
 
 import grain
 import jax
-import jax.numpy as jnp
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from dinomaly_jax import sharding
-from dinomaly_jax import train_step
 from dinomaly_jax.data import pipeline
 from dinomaly_jax.data import transforms
-from dinomaly_jax.data.records import DataError
+from dinomaly_jax.errors import DataError
 from dinomaly_jax.models.dinomaly import Dinomaly
+from dinomaly_jax.training import train_step
 
 CACHE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 

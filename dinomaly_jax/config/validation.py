@@ -1,14 +1,12 @@
 """Checks every config field before any work starts; errors name the field."""
 import ml_collections
 
-from dinomaly_jax import config_base
+from dinomaly_jax.errors import ConfigError
+from dinomaly_jax.models import dinomaly
+from dinomaly_jax.models import vit
 
 MODES = ("train", "eval", "predict", "export")
 LAYOUTS = ("mvtec", "mpdd", "btad", "visa", "realiad", "folder")
-
-
-class ConfigError(ValueError):
-  """A config value is missing, unknown or out of range."""
 
 
 def _check(ok: bool, field: str, expected: str, value) -> None:
@@ -48,30 +46,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(_is_int(c.seed), "seed", "an integer", c.seed)
 
   m = c.model
-  _one_of(c, "model.vit", tuple(config_base.VIT_TARGET_LAYERS))
+  _one_of(c, "model.vit", tuple(vit.VIT_VARIANTS))
   _one_of(c, "model.registers", (0, 4))
-  depth = {"small": 12, "base": 12, "large": 24, "giant": 40}[m.vit]
-  layers = list(m.target_layers)
-  _check(layers and all(_is_int(i) and 0 <= i < depth for i in layers)
-         and len(set(layers)) == len(layers), "model.target_layers",
-         f"distinct block indices in [0, {depth}) for ViT-{m.vit}", layers)
-  groups = [list(g) for g in m.fuse_groups]
-  _check(groups and all(g and all(_is_int(i) and 0 <= i < len(layers) for i in g) for g in groups),
-         "model.fuse_groups",
-         f"non-empty groups of indices into model.target_layers (0..{len(layers) - 1})", groups)
+  dinomaly.check_model_config(m)
   _one_of(c, "model.dtype", ("float32", "bfloat16"))
   _one_of(c, "model.attention_impl", ("auto", "xla", "cudnn", "blocked"))
   _positive_int(c, "model.bottleneck_ratio")
   _in_range(c, "model.bottleneck_dropout", 0.0, 1.0, hi_open=True)
-  _positive_int(c, "model.decoder_depth")
-  _check(m.decoder_depth >= len(layers) or m.conv_decoder_kernel, "model.decoder_depth",
-         f">= len(model.target_layers) = {len(layers)} (one decoder block per target layer)",
-         m.decoder_depth)
-  _one_of(c, "model.decoder_attention", ("linear", "softmax", "qk_v_linear"))
   _in_range(c, "model.linear_attention_eps", 0.0, 1.0)
-  _check(_is_int(m.mask_neighbor_size) and m.mask_neighbor_size >= 0, "model.mask_neighbor_size",
-         "an integer >= 0 (0 = off)", m.mask_neighbor_size)
-  _one_of(c, "model.conv_decoder_kernel", (0, 3, 5, 7))
 
   d = c.data
   _one_of(c, "data.layout", LAYOUTS)
