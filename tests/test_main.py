@@ -123,7 +123,7 @@ def test_export_reloads_and_gives_the_same_maps(trained, data_root):
   # The loader runs in a fresh interpreter that never imports the training code.
   script = (
       "import sys, importlib.util, numpy as np\n"
-      f"spec = importlib.util.spec_from_file_location('m', {os.path.join(REPO, 'dinomaly_jax', 'exported_model.py')!r})\n"
+      f"spec = importlib.util.spec_from_file_location('m', {os.path.join(REPO, 'dinomaly_jax', 'inference', 'exported_model.py')!r})\n"
       "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
       f"fn, info = m.load({out!r})\n"
       f"maps, scores = fn(np.load({os.path.join(out, 'probe.npy')!r}))\n"
