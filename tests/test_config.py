@@ -42,7 +42,7 @@ def test_config_argument_errors():
 
 @pytest.mark.parametrize("field,value,message", [
     ("train.steps", -1, "config.train.steps must be a positive integer, got -1"),
-    ("data.crop", 390, "config.data.crop must be a multiple of the patch size 14, got 390"),
+    ("data.crop", 390, "config.data.crop must be a multiple of the patch size 14 (dinov2), got 390"),
     ("model.bottleneck_dropout", 1.5, "config.model.bottleneck_dropout must be a number in [0.0, 1.0)"),
     ("model.decoder_attention", "flash", "config.model.decoder_attention must be one of"),
     ("eval.gaussian_size", 4, "config.eval.gaussian_size must be an odd positive integer, got 4"),
