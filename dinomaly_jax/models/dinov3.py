@@ -9,7 +9,7 @@ Token order: [cls, storage tokens..., patches].
 
 Parameter names follow the official DINOv3 module names (`storage_tokens`,
 `blocks_{i}/attn/qkv`, `ls1/gamma`, ...). Two official tensors are folded in by
-conversion (`weight_conversion/dinov3_keys.py`): the key part of the qkv bias is
+conversion (`weights/dinov3_keys.py`): the key part of the qkv bias is
 zeroed by `qkv.bias_mask` (DINOv3 has no key bias), and SwiGLU's separate
 `w1`/`w2` become one `w12`, as in DINOv2. The final `norm`, `mask_token` and
 the `rope_embed.periods` buffer (a function of `rope_base`) are not in the tree.

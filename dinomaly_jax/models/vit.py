@@ -2,7 +2,7 @@
 
 Parameter names follow the official DINOv2 module names (`patch_embed`,
 `blocks_{i}/attn/qkv`, `ls1/gamma`, ...), so conversion is a key rename plus
-transposes (see `weight_conversion/mappings.py`). The final `norm` and the
+transposes (see `weights/dinov2_keys.py`). The final `norm` and the
 `mask_token` of the official model are not part of this tree: Dinomaly uses raw
 block outputs and no masking.
 """
@@ -38,7 +38,7 @@ class LayerScale(nn.Module):
 
 
 class FeedForward(nn.Module):
-  """DINOv2's block MLP. kind "mlp": fc1 -> exact GELU -> fc2;
+  """The block MLP (DINOv2, DINOv3). kind "mlp": fc1 -> exact GELU -> fc2;
   kind "swiglu": w12 -> silu(x1) * x2 -> w3 (DINOv2 `SwiGLUFFNFused`)."""
   hidden_dim: int
   kind: str
