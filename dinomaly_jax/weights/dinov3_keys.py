@@ -16,6 +16,7 @@ it gives the head size d and the RoPE base (HF files: d = 64, base 100, as in
 every released model). Any missing, unexpected or misshapen key raises one
 `CheckpointError` listing all of them.
 """
+import collections
 import re
 from typing import Any, Mapping
 
@@ -132,9 +133,12 @@ def detect_architecture(official: Mapping[str, np.ndarray]) -> dict:
     problems.append(f"embedding width {embed_dim} is not a multiple of the head size {head_dim}")
   if problems:
     raise CheckpointError("\n  ".join([f"{len(problems)} problem(s):"] + problems))
-  swiglu = "blocks.0.mlp.w12.weight" in official
-  hidden_key = "blocks.0.mlp.w12.weight" if swiglu else "blocks.0.mlp.fc1.weight"
-  hidden = official[hidden_key].shape[0] // (2 if swiglu else 1) if hidden_key in official else 0
+  swiglu = any(k.endswith(".mlp.w12.weight") for k in official)
+  # The MLP width most blocks have (a damaged block is then reported, not copied).
+  widths = collections.Counter(
+      v.shape[0] // (2 if swiglu else 1) for k, v in official.items()
+      if re.match(r"^blocks\.\d+\.mlp\.(w12|fc1)\.weight$", k))
+  hidden = widths.most_common(1)[0][0] if widths else 0
   storage = official.get("storage_tokens")
   arch = dict(embed_dim=embed_dim, depth=max(blocks) + 1, num_heads=embed_dim // head_dim,
               ffn="swiglu" if swiglu else "mlp", ffn_hidden_dim=hidden,
