@@ -55,16 +55,9 @@ class DinoV3Encoder(nn.Module):
     Returns one (B, 1 + R + h*w, D) float32 array per entry of `layers`
     (0-based block indices); blocks after max(layers) are not computed.
     """
-    vit.check_inputs(images, layers, self.patch_size, self.depth)
-    if self.ffn not in ("mlp", "swiglu"):
-      raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {self.ffn!r}.")
-    batch, height, width, _ = images.shape
-    grid_hw = (height // self.patch_size, width // self.patch_size)
-    dim = self.embed_dim
-
-    x = nn.Conv(dim, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding="VALID",
-                dtype=self.dtype, name="patch_embed")(images.astype(self.dtype))
-    x = x.reshape(batch, -1, dim)  # (B, h*w, D), row-major like torch flatten(2)
+    vit.check_inputs(images, layers, self.patch_size, self.depth, self.ffn)
+    x, grid_hw = vit.embed_patches(images, self.patch_size, self.embed_dim, self.dtype)
+    batch, dim = x.shape[0], self.embed_dim
     prefix = [self.param("cls_token", nn.initializers.normal(0.02), (1, 1, dim))]
     if self.num_registers:
       prefix.append(self.param("storage_tokens", nn.initializers.normal(0.02),

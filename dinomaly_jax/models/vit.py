@@ -117,16 +117,9 @@ class DinoV2Encoder(nn.Module):
     (0-based block indices); blocks after max(layers) are not computed (at
     init every block runs, so the parameter tree is always complete).
     """
-    check_inputs(images, layers, self.patch_size, self.depth)
-    if self.ffn not in ("mlp", "swiglu"):
-      raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {self.ffn!r}.")
-    batch, height, width, _ = images.shape
-    grid_hw = (height // self.patch_size, width // self.patch_size)
-    dim = self.embed_dim
-
-    x = nn.Conv(dim, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding="VALID",
-                dtype=self.dtype, name="patch_embed")(images.astype(self.dtype))
-    x = x.reshape(batch, -1, dim)  # (B, h*w, D), row-major like torch flatten(2)
+    check_inputs(images, layers, self.patch_size, self.depth, self.ffn)
+    x, grid_hw = embed_patches(images, self.patch_size, self.embed_dim, self.dtype)
+    batch, dim = x.shape[0], self.embed_dim
     cls_token = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, dim))
     pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
                            (1, self.pos_grid**2 + 1, dim))
@@ -156,8 +149,19 @@ def run_blocks(x, layers: Sequence[int], depth: int, block, initializing: bool, 
   return [outputs[i].astype(jnp.float32) for i in layers]
 
 
-def check_inputs(images, layers: Sequence[int], patch_size: int, depth: int) -> None:
-  """Raises a ValueError for images that are not (B, H, W, 3) patch multiples or bad layers."""
+def embed_patches(images, patch_size: int, dim: int, dtype):
+  """The `patch_embed` conv of the calling encoder: (B, H, W, 3) -> ((B, h*w, D), (h, w))."""
+  batch, height, width, _ = images.shape
+  x = nn.Conv(dim, (patch_size,) * 2, strides=(patch_size,) * 2, padding="VALID", dtype=dtype,
+              name="patch_embed")(images.astype(dtype))
+  return x.reshape(batch, -1, dim), (height // patch_size, width // patch_size)  # torch flatten(2) order
+
+
+def check_inputs(images, layers: Sequence[int], patch_size: int, depth: int, ffn: str) -> None:
+  """Raises a ValueError for images that are not (B, H, W, 3) patch multiples, bad layers
+  or an unknown feed-forward kind."""
+  if ffn not in ("mlp", "swiglu"):
+    raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {ffn!r}.")
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"images must be (B, H, W, 3) NHWC, got shape {images.shape}.")
   if images.shape[1] % patch_size or images.shape[2] % patch_size:
