@@ -1,5 +1,7 @@
-"""DINOv3 conversion: layouts agree, bad keys are all listed, the family reaches the config check."""
+"""DINOv3 conversion: layouts agree, bad keys are all listed, the family reaches the config
+and work-directory checks."""
 import importlib
+import json
 import re
 
 import jax
@@ -9,7 +11,9 @@ import torch
 
 from dinomaly_jax.errors import CheckpointError
 from dinomaly_jax.errors import EncoderWeightsError
+from dinomaly_jax.errors import IncompatibleWorkdirError
 from dinomaly_jax.models import dinov3
+from dinomaly_jax.weights import checkpoint
 from dinomaly_jax.weights import convert as weights_convert
 from dinomaly_jax.weights import converted
 from dinomaly_jax.weights import encoder_weights
@@ -93,6 +97,17 @@ def test_family_mismatch_is_refused(tmp_path):
   config = importlib.import_module("configs.mvtec").get_config("encoder=dinov3_vits16")
   config.encoder_weights = str(tmp_path / "w")
   assert encoder_weights.load_pretrained(config)["encoder"]["cls_token"].shape == (1, 1, 384)
+
+
+def test_workdirs_saved_before_the_family_field_are_dinov2(tmp_path):
+  config = importlib.import_module("configs.mvtec").get_config()
+  saved = json.loads(config.to_json())
+  del saved["model"]["family"]  # as written before DINOv3 support
+  (tmp_path / checkpoint.CONFIG_FILE).write_text(json.dumps(saved))
+  checkpoint.check_compatible(str(tmp_path), config)  # resumes
+  with pytest.raises(IncompatibleWorkdirError, match="config.model.family: saved 'dinov2', now 'dinov3'"):
+    checkpoint.check_compatible(str(tmp_path), importlib.import_module("configs.mvtec").get_config(
+        "encoder=dinov3_vitb16"))
 
 
 def test_encoder_input_errors():
