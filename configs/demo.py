@@ -4,19 +4,21 @@
 
 The encoder has RANDOM weights (no DINOv2 download is needed), so the numbers show
 that the pipeline works, not what Dinomaly reaches with DINOv2 (see README).
+`configs/demo.py:encoder=dinov3_vits16` runs it with a random DINOv3 ViT-S/16
+(the crop must then be a multiple of 16; 112 is).
 """
 from dinomaly_jax.config import defaults
 
 
 def get_config(arg=None):
-  a = defaults.parse_arg(arg, steps=200, crop=112)
+  a = defaults.parse_arg(arg, steps=200, crop=112, encoder="")
   c = defaults.base_config()
-  defaults.set_vit(c, "small")
+  defaults.select_encoder(c, "small", a.encoder)
   c.random_encoder = True
   c.data.synthetic = True
   c.data.layout = "mvtec"
   c.data.crop = a.crop
-  c.data.resize = a.crop * 8 // 7  # the protocol's 448 -> 392 ratio
+  c.data.resize = a.crop * 8 // 7  # the protocol's 448 -> 392 ratio (also DINOv3's 512 -> 448)
   c.data.workers = 0
   c.train.steps = a.steps
   c.train.batch_size = 8

@@ -4,6 +4,7 @@
       --config.data.root=/data/mvtec_anomaly_detection \
       --config.encoder_weights=weights/dinov2_vitb14_reg4
   Arguments: configs/mvtec.py:vit=small,sep,layout=mpdd
+  DINOv3 (README "DINOv3 encoders"): configs/mvtec.py:encoder=dinov3_vitl16
 """
 from dinomaly_jax.config import defaults
 

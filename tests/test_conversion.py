@@ -45,6 +45,18 @@ def assert_same_params(a, b):
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+def assert_cli_lists_problems(state, tmp_path, capsys, expected_problems):
+  """Saves `state` as a .pth; the CLI must fail naming the file and exactly these problems."""
+  path = tmp_path / "broken.pth"
+  torch.save(state, path)
+  assert convert.main(["--checkpoint", str(path), "--out", str(tmp_path / "out")]) == 1
+  message = capsys.readouterr().err
+  assert str(path) in message and f"{len(expected_problems)} problem(s)" in message
+  for expected in expected_problems:
+    assert expected in message
+  assert not (tmp_path / "out").exists()
+
+
 def test_bad_keys_are_all_listed_with_shapes(tmp_path, capsys):
   state = tiny_official_state_dict()
   del state["blocks.1.ls2.gamma"]
@@ -52,19 +64,12 @@ def test_bad_keys_are_all_listed_with_shapes(tmp_path, capsys):
   state["blocks.0.mlp.fc1.weight"] = torch.zeros(200, 64)
   state["pos_embed"] = torch.zeros(1, 1 + 37 * 37, 48)
   state["blocks.0.attn.extra.weight"] = torch.zeros(3, 3)
-  path = tmp_path / "broken.pth"
-  torch.save(state, path)
-  assert convert.main(["--checkpoint", str(path), "--out", str(tmp_path / "out")]) == 1
-  message = capsys.readouterr().err
-  assert str(path) in message and "5 problem(s)" in message
-  for expected in (
+  assert_cli_lists_problems(state, tmp_path, capsys, (
       "missing blocks.1.ls2.gamma: expected shape (64,)",
       "missing blocks.0.attn.proj.bias: expected shape (64,)",
       "shape mismatch blocks.0.mlp.fc1.weight: expected (256, 64), found (200, 64)",
       "shape mismatch pos_embed: expected (1, 1370, 64), found (1, 1370, 48)",
-      "unexpected blocks.0.attn.extra.weight: shape (3, 3)"):
-    assert expected in message
-  assert not (tmp_path / "out").exists()
+      "unexpected blocks.0.attn.extra.weight: shape (3, 3)"))
 
 
 def test_hf_bad_keys_use_file_names():

@@ -72,5 +72,6 @@ def test_weights_of_another_architecture_are_refused(official_pth, tmp_path, mon
   c = _config(registers=4)
   c.encoder_weights = official_pth
   with pytest.raises(EncoderWeightsError,
-                     match="holds ViT-small with 0 registers, but the config asks for ViT-small with 4"):
+                     match="holds dinov2 ViT-small with 0 registers, but the config asks for dinov2 ViT-small "
+                           "with 4"):
     model_state.build(c)

@@ -197,6 +197,32 @@ def test_demo_command_line(tmp_path):
   assert os.path.exists(tmp_path / "eval" / "pictures" / "pill" / "scores.png")
 
 
+def test_dinov3_demo_command_line(data_root, tmp_path):
+  """A random DINOv3 ViT-S/16 through the same command line: trains, evaluates, says it is random."""
+  proc = subprocess.run(
+      [sys.executable, "-m", "dinomaly_jax.main",
+       "--config=configs/demo.py:encoder=dinov3_vits16,steps=2,crop=32", f"--workdir={tmp_path}",
+       "--config.data.synthetic=False", f"--config.data.root={data_root}",
+       "--config.train.batch_size=4", "--config.eval.pictures_per_class=0"],
+      cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "RANDOM weights" in proc.stdout and "RANDOM encoder" in proc.stdout
+  config = json.load(open(tmp_path / "config.json"))
+  assert (config["model"]["family"], config["model"]["vit"], config["model"]["target_layers"]) == (
+      "dinov3", "small", [8, 9, 10, 11])
+  report = json.load(open(tmp_path / "eval" / "report.json"))
+  assert set(report["classes"]) == {"brick", "nut"} and report["extra"]["random_encoder"] is True
+
+
+def test_dinov3_crop_must_be_a_multiple_of_16(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "dinomaly_jax.main", "--config=configs/demo.py:encoder=dinov3_vits16,crop=56",
+       f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  assert "config.data.crop must be a multiple of the patch size 16 (dinov3), got 56" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
 def test_cached_features_train_like_images(trained, data_root, tmp_path):
   config, workdir, _ = trained
   c = config.copy_and_resolve_references()

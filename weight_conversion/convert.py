@@ -1,11 +1,12 @@
-"""Converts PyTorch DINOv2 / Dinomaly checkpoints into our parameter directory.
+"""Converts PyTorch DINOv2 / DINOv3 / Dinomaly checkpoints into our parameter directory.
 
   python -m weight_conversion.convert --checkpoint FILE --out DIR
   python -m weight_conversion.convert --download vitb14_reg4 --out DIR
 
 FILE: an official DINOv2 .pth, a Hugging Face Dinov2(WithRegisters)Model
-.safetensors/.bin, a timm `vit_*_patch14[_reg4]_dinov2` state dict, or a
-trained Dinomaly (ViTill) state dict. DIR then loads with
+.safetensors/.bin, a timm `vit_*_patch14[_reg4]_dinov2` state dict, an official
+DINOv3 ViT .pth, a Hugging Face DINOv3ViTModel .safetensors/.bin, or a trained
+Dinomaly (ViTill) state dict. DIR then loads with
 `dinomaly_jax.weights.converted.load_encoder(DIR)` (or `load_params` for the full tree).
 """
 import argparse
@@ -46,8 +47,8 @@ def main(argv=None) -> int:
   except (CheckpointError, download.DownloadError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f"Wrote {meta['vit']} encoder ({meta['registers']} registers, {meta['source_format']} "
-        f"format) to {out}")
+  print(f"Wrote {meta['family']} {meta['vit']} encoder ({meta['registers']} registers, "
+        f"{meta['source_format']} format) to {out}")
   return 0
 
 

@@ -3,7 +3,7 @@ import ml_collections
 
 from dinomaly_jax.errors import ConfigError
 from dinomaly_jax.models import dinomaly
-from dinomaly_jax.models import vit
+from dinomaly_jax.models import encoders
 
 MODES = ("train", "eval", "predict", "export")
 LAYOUTS = ("mvtec", "mpdd", "btad", "visa", "realiad", "folder")
@@ -46,8 +46,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(_is_int(c.seed), "seed", "an integer", c.seed)
 
   m = c.model
-  _one_of(c, "model.vit", tuple(vit.VIT_VARIANTS))
-  _one_of(c, "model.registers", (0, 4))
+  _one_of(c, "model.family", encoders.FAMILIES)
+  _one_of(c, "model.vit", encoders.sizes(m.family))
+  _one_of(c, "model.registers", encoders.register_counts(m.family))
   dinomaly.check_model_config(m)
   _one_of(c, "model.dtype", ("float32", "bfloat16"))
   _one_of(c, "model.attention_impl", ("auto", "xla", "cudnn", "blocked"))
@@ -60,7 +61,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(bool(d.root) or d.synthetic or c.mode in ("predict", "export"), "data.root",
          "the dataset folder (e.g. --config.data.root=/data/mvtec)", d.root)
   _positive_int(c, "data.crop")
-  _check(d.crop % 14 == 0, "data.crop", "a multiple of the patch size 14", d.crop)
+  patch = encoders.patch_size(m.family)
+  _check(d.crop % patch == 0, "data.crop", f"a multiple of the patch size {patch} ({m.family})", d.crop)
   _positive_int(c, "data.resize")
   _check(d.resize >= d.crop, "data.resize", f">= data.crop ({d.crop})", d.resize)
   _positive_int(c, "data.mask_size")

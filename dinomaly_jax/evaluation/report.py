@@ -36,7 +36,7 @@ def _fmt(v: float) -> str:
   return "-" if math.isnan(v) else f"{v:.2f}"
 
 
-RANDOM_ENCODER_NOTE = ("NOTE: this model uses a RANDOM encoder (no DINOv2 weights): the numbers "
+RANDOM_ENCODER_NOTE = ("NOTE: this model uses a RANDOM encoder (no pretrained weights): the numbers "
                        "below show that the pipeline works, not what Dinomaly reaches.")
 
 

@@ -1,4 +1,4 @@
-"""Dinomaly: frozen DINOv2 encoder -> noisy bottleneck -> decoder -> loose groups.
+"""Dinomaly: frozen DINOv2 (or DINOv3) encoder -> noisy bottleneck -> decoder -> loose groups.
 
 Parameter tree: {"encoder": ..., "bottleneck": ..., "decoder": ...}.
 Data flow (reference `ViTill`):
@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from dinomaly_jax.models import decoder as decoder_lib
+from dinomaly_jax.models import encoders
 from dinomaly_jax.models import structure
-from dinomaly_jax.models import vit
 
 
 def _group_maps(tokens: Sequence[jax.Array], groups, grid_hw) -> list[jax.Array]:
@@ -31,7 +31,7 @@ def _group_maps(tokens: Sequence[jax.Array], groups, grid_hw) -> list[jax.Array]
 
 
 class Dinomaly(nn.Module):
-  encoder: nn.Module  # a DinoV2Encoder
+  encoder: nn.Module  # a DinoV2Encoder or DinoV3Encoder
   target_layers: Sequence[int]
   fuse_groups: Sequence[Sequence[int]]
   bottleneck_ratio: int = 4
@@ -84,8 +84,8 @@ class Dinomaly(nn.Module):
 def check_model_config(model_config) -> None:
   """Raises ConfigError naming the first `config.model` structure field that cannot work."""
   structure.check_structure(
-      encoder_depth=vit.VIT_VARIANTS[model_config.vit]["depth"],
-      encoder_name=f"ViT-{model_config.vit}", target_layers=model_config.target_layers,
+      encoder_depth=encoders.depth(model_config.family, model_config.vit),
+      encoder_name=f"{model_config.family} ViT-{model_config.vit}", target_layers=model_config.target_layers,
       fuse_groups=model_config.fuse_groups, decoder_depth=model_config.decoder_depth,
       decoder_attention=model_config.decoder_attention,
       mask_neighbor_size=model_config.mask_neighbor_size,
@@ -95,8 +95,8 @@ def check_model_config(model_config) -> None:
 def build_model(model_config) -> Dinomaly:
   """Dinomaly from `config.model` (see config_base.py)."""
   dtype = jnp.dtype(model_config.dtype)
-  encoder = vit.build_encoder(model_config.vit, model_config.registers, dtype,
-                              model_config.attention_impl)
+  encoder = encoders.build_encoder(model_config.family, model_config.vit, model_config.registers,
+                                   dtype, model_config.attention_impl)
   check_model_config(model_config)
   return Dinomaly(
       encoder=encoder,

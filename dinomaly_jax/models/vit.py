@@ -2,7 +2,7 @@
 
 Parameter names follow the official DINOv2 module names (`patch_embed`,
 `blocks_{i}/attn/qkv`, `ls1/gamma`, ...), so conversion is a key rename plus
-transposes (see `weight_conversion/mappings.py`). The final `norm` and the
+transposes (see `weights/dinov2_keys.py`). The final `norm` and the
 `mask_token` of the official model are not part of this tree: Dinomaly uses raw
 block outputs and no masking.
 """
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from dinomaly_jax.models import attention
 from dinomaly_jax.models import pos_embed as pos_embed_lib
+from dinomaly_jax.models import rope as rope_lib
 
 VIT_VARIANTS = {
     "small": dict(embed_dim=384, depth=12, num_heads=6, ffn="mlp"),
@@ -37,7 +38,7 @@ class LayerScale(nn.Module):
 
 
 class FeedForward(nn.Module):
-  """DINOv2's block MLP. kind "mlp": fc1 -> exact GELU -> fc2;
+  """The block MLP (DINOv2, DINOv3). kind "mlp": fc1 -> exact GELU -> fc2;
   kind "swiglu": w12 -> silu(x1) * x2 -> w3 (DINOv2 `SwiGLUFFNFused`)."""
   hidden_dim: int
   kind: str
@@ -55,17 +56,23 @@ class FeedForward(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head softmax self-attention with a fused qkv projection."""
+  """Multi-head softmax self-attention with a fused qkv projection.
+
+  `rope` (DINOv3): (cos, sin) tables of shape (P, head_dim) rotating the queries
+  and keys of the last P tokens (the patches; prefix tokens are not rotated).
+  """
   num_heads: int
   dtype: Any
   attention_impl: str
 
   @nn.compact
-  def __call__(self, x):  # (B, N, D)
+  def __call__(self, x, rope=None):  # (B, N, D)
     batch, tokens, dim = x.shape
     qkv = nn.Dense(3 * dim, dtype=self.dtype, name="qkv")(x)
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim)
+    if rope is not None:
+      q, k = rope_lib.rotate_patches(q, *rope), rope_lib.rotate_patches(k, *rope)
     out = attention.dot_product_attention(q, k, v, self.attention_impl)
     return nn.Dense(dim, dtype=self.dtype, name="proj")(out.reshape(batch, tokens, dim))
 
@@ -80,9 +87,9 @@ class Block(nn.Module):
   attention_impl: str
 
   @nn.compact
-  def __call__(self, x):  # (B, N, D)
+  def __call__(self, x, rope=None):  # (B, N, D); rope: see Attention
     norm = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)
-    y = Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(norm("norm1")(x))
+    y = Attention(self.num_heads, self.dtype, self.attention_impl, name="attn")(norm("norm1")(x), rope)
     x = x + LayerScale(name="ls1")(y)
     y = FeedForward(self.ffn_hidden_dim, self.ffn, self.dtype, name="mlp")(norm("norm2")(x))
     return x + LayerScale(name="ls2")(y)
@@ -110,14 +117,9 @@ class DinoV2Encoder(nn.Module):
     (0-based block indices); blocks after max(layers) are not computed (at
     init every block runs, so the parameter tree is always complete).
     """
-    self._check_inputs(images, layers)
-    batch, height, width, _ = images.shape
-    grid_hw = (height // self.patch_size, width // self.patch_size)
-    dim = self.embed_dim
-
-    x = nn.Conv(dim, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding="VALID",
-                dtype=self.dtype, name="patch_embed")(images.astype(self.dtype))
-    x = x.reshape(batch, -1, dim)  # (B, h*w, D), row-major like torch flatten(2)
+    check_inputs(images, layers, self.patch_size, self.depth, self.ffn)
+    x, grid_hw = embed_patches(images, self.patch_size, self.embed_dim, self.dtype)
+    batch, dim = x.shape[0], self.embed_dim
     cls_token = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, dim))
     pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
                            (1, self.pos_grid**2 + 1, dim))
@@ -131,24 +133,42 @@ class DinoV2Encoder(nn.Module):
 
     ffn_hidden_dim = (swiglu_hidden_dim(dim, self.mlp_ratio) if self.ffn == "swiglu"
                       else int(dim * self.mlp_ratio))
-    last = self.depth - 1 if self.is_initializing() else max(layers)
-    outputs = {}
-    for i in range(last + 1):
-      x = Block(self.num_heads, self.ffn, ffn_hidden_dim, self.ln_eps, self.dtype,
-                self.attention_impl, name=f"blocks_{i}")(x)
-      outputs[i] = x
-    return [outputs[i].astype(jnp.float32) for i in layers]
+    block = lambda i: Block(self.num_heads, self.ffn, ffn_hidden_dim, self.ln_eps, self.dtype,
+                            self.attention_impl, name=f"blocks_{i}")
+    return run_blocks(x, layers, self.depth, block, self.is_initializing())
 
-  def _check_inputs(self, images, layers):
-    if self.ffn not in ("mlp", "swiglu"):
-      raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {self.ffn!r}.")
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"images must be (B, H, W, 3) NHWC, got shape {images.shape}.")
-    if images.shape[1] % self.patch_size or images.shape[2] % self.patch_size:
-      raise ValueError(f"Image height and width must be multiples of {self.patch_size}, "
-                       f"got {images.shape[1]}x{images.shape[2]}.")
-    if not layers or any(not 0 <= i < self.depth for i in layers):
-      raise ValueError(f"layers must be non-empty block indices in [0, {self.depth}), got {list(layers)}.")
+
+def run_blocks(x, layers: Sequence[int], depth: int, block, initializing: bool, rope=None):
+  """Runs `block(i)` for i = 0.. max(layers) (all `depth` blocks at init, so the
+  parameter tree is complete); returns the (B, N, D) float32 outputs of `layers`."""
+  last = depth - 1 if initializing else max(layers)
+  outputs = {}
+  for i in range(last + 1):
+    x = block(i)(x, rope)
+    outputs[i] = x
+  return [outputs[i].astype(jnp.float32) for i in layers]
+
+
+def embed_patches(images, patch_size: int, dim: int, dtype):
+  """The `patch_embed` conv of the calling encoder: (B, H, W, 3) -> ((B, h*w, D), (h, w))."""
+  batch, height, width, _ = images.shape
+  x = nn.Conv(dim, (patch_size,) * 2, strides=(patch_size,) * 2, padding="VALID", dtype=dtype,
+              name="patch_embed")(images.astype(dtype))
+  return x.reshape(batch, -1, dim), (height // patch_size, width // patch_size)  # torch flatten(2) order
+
+
+def check_inputs(images, layers: Sequence[int], patch_size: int, depth: int, ffn: str) -> None:
+  """Raises a ValueError for images that are not (B, H, W, 3) patch multiples, bad layers
+  or an unknown feed-forward kind."""
+  if ffn not in ("mlp", "swiglu"):
+    raise ValueError(f"ffn must be 'mlp' or 'swiglu', got {ffn!r}.")
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"images must be (B, H, W, 3) NHWC, got shape {images.shape}.")
+  if images.shape[1] % patch_size or images.shape[2] % patch_size:
+    raise ValueError(f"Image height and width must be multiples of {patch_size}, "
+                     f"got {images.shape[1]}x{images.shape[2]}.")
+  if not layers or any(not 0 <= i < depth for i in layers):
+    raise ValueError(f"layers must be non-empty block indices in [0, {depth}), got {list(layers)}.")
 
 
 def build_encoder(vit: str, registers: int, dtype=jnp.float32, attention_impl: str = "auto",

@@ -47,7 +47,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         process_index=jax.process_index(), process_count=n_proc, start_step=start)
   writer = metric_writer.MetricWriter(workdir)
   if config.random_encoder:
-    _log("NOTE: the encoder has RANDOM weights (config.random_encoder=True), not DINOv2: "
+    _log("NOTE: the encoder has RANDOM weights (config.random_encoder=True), not pretrained ones: "
          "expect a working pipeline, not Dinomaly's accuracy.")
   _log(f"Training {config.train.steps} steps on {len(records)} images of "
        f"{len(set(r.class_name for r in records))} classes, global batch {batch}, "

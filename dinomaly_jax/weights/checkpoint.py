@@ -48,6 +48,7 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
     return
   with open(path) as f:
     saved = _flatten(json.load(f))
+  saved.setdefault("model.family", "dinov2")  # runs saved before DINOv3 support were DINOv2
   now = _flatten(_as_plain(config))
   diffs = [f"  config.{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
            for k in sorted(set(saved) | set(now))

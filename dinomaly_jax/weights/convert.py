@@ -2,7 +2,8 @@
 
 Supported: official DINOv2 .pth (plain or chunked), Hugging Face Dinov2(WithRegisters)Model
 .safetensors/.bin, timm `vit_*_patch14[_reg4]_dinov2` state dicts (key maps in
-dinov2_keys.py), and trained reference Dinomaly (ViTill) state dicts (vitill_keys.py).
+dinov2_keys.py), official DINOv3 .pth and Hugging Face DINOv3ViTModel files (dinov3_keys.py),
+and trained reference Dinomaly (ViTill) state dicts (vitill_keys.py).
 The command line is `python -m weight_conversion.convert`.
 """
 import pathlib
@@ -10,6 +11,7 @@ from typing import Mapping
 
 from dinomaly_jax.errors import CheckpointError
 from dinomaly_jax.weights import dinov2_keys
+from dinomaly_jax.weights import dinov3_keys
 from dinomaly_jax.weights import vitill_keys
 from dinomaly_jax.weights.torch_files import load_state_dict
 
@@ -25,7 +27,10 @@ def convert_state_dict(state_dict: Mapping, **expect) -> tuple[dict, dict]:
   if is_vitill_state_dict(state_dict):
     _, meta = dinov2_keys.convert_dinov2_state_dict(state_dict, prefix="encoder.", **expect)
     return vitill_keys.convert_vitill(state_dict), dict(meta, source_format="dinomaly-vitill")
-  params, meta = dinov2_keys.convert_dinov2_state_dict(state_dict, **expect)
+  if dinov3_keys.is_dinov3(state_dict):
+    params, meta = dinov3_keys.convert_dinov3_state_dict(state_dict, **expect)
+  else:
+    params, meta = dinov2_keys.convert_dinov2_state_dict(state_dict, **expect)
   return {"encoder": params}, meta
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from dinomaly_jax.errors import CheckpointError
 from dinomaly_jax.models import vit
 
+FAMILY = "dinov2"
 # Official keys that the encoder does not use (features are raw block outputs).
 UNUSED_OFFICIAL_KEYS = ("mask_token", "norm.weight", "norm.bias")
 DINOV2_HEAD_DIM = 64  # every published DINOv2 ViT uses 64-dim heads
@@ -78,12 +79,20 @@ def detect_format(state: Mapping[str, np.ndarray]) -> str:
 
 def _hf_to_official(state: dict[str, np.ndarray]):
   """Renames HF keys; fuses q/k/v and gate/up. Returns (state, source_names, missing)."""
-  renamed, names = {}, {}
+  return rename_and_fuse(state, _HF_RENAMES)
+
+
+def rename_and_fuse(state: Mapping[str, np.ndarray], renames, names: Mapping[str, str] | None = None):
+  """Applies the regex `renames` to every key, then fuses HF q/k/v into `blocks.{i}.attn.qkv`
+  and gate/up into `blocks.{i}.mlp.w12`. `names` maps keys of `state` to their file names.
+  Returns (state, official -> file names, problems)."""
+  renamed, new_names = {}, {}
   for key, value in state.items():
     new = key
-    for pattern, replacement in _HF_RENAMES:
+    for pattern, replacement in renames:
       new = re.sub(pattern, replacement, new)
-    renamed[new], names[new] = value, key
+    renamed[new], new_names[new] = value, (names or {}).get(key, key)
+  names = new_names
   fused_parts: dict[str, dict[int, tuple[str, np.ndarray]]] = {}
   for key in list(renamed):
     for pattern, template, order in _HF_FUSED:
@@ -132,6 +141,12 @@ def to_official(state: Mapping[str, Any]):
   convert = _hf_to_official if source_format == "hf" else _timm_or_official_to_official
   official, names, problems = convert(arrays)
   return official, names, source_format, problems
+
+
+def unused_keys(official: Mapping[str, np.ndarray]) -> tuple[str, ...]:
+  """Official keys the encoder does not use (the same for every DINOv2 checkpoint)."""
+  del official
+  return UNUSED_OFFICIAL_KEYS
 
 
 # --- Architecture from shapes ----------------------------------------------------
@@ -199,7 +214,7 @@ def _flax_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
   return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
 
 
-def expected_shapes(model: vit.DinoV2Encoder) -> dict[tuple[str, ...], tuple[int, ...]]:
+def expected_shapes(model) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Flax path -> shape of every parameter of `model`, without allocating them."""
   images = jnp.zeros((1, model.patch_size, model.patch_size, 3), jnp.float32)
   tree = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, [0])["params"])
@@ -217,16 +232,17 @@ def _unflatten(flat: Mapping[tuple[str, ...], np.ndarray]) -> dict:
   return tree
 
 
-def official_to_params(official: Mapping[str, np.ndarray], model: vit.DinoV2Encoder,
-                       names: Mapping[str, str], problems=()):
-  """Builds the Flax tree; raises one CheckpointError listing every bad key."""
+def official_to_params(official: Mapping[str, np.ndarray], model, names: Mapping[str, str],
+                       problems=(), unused=UNUSED_OFFICIAL_KEYS):
+  """Builds the Flax tree of `model` (a DINOv2 or DINOv3 encoder); keys in `unused`
+  are ignored. Raises one CheckpointError listing every bad key."""
   problems = list(problems)
 
   def describe(key):  # the file's own key name, and the official name if different
     source = names.get(key, key)
     return key if source == key else f"{source} (-> {key})"
 
-  flat, expected_keys = {}, set(UNUSED_OFFICIAL_KEYS)
+  flat, expected_keys = {}, set(unused)
   for path, shape in expected_shapes(model).items():
     key, want = official_name(path), _torch_layout(path, shape)
     expected_keys.add(key)
@@ -256,11 +272,16 @@ def convert_dinov2_state_dict(state_dict: Mapping, prefix: str = "", expect_vit:
     raise CheckpointError(f"No keys start with {prefix!r} (first keys: {sorted(state_dict)[:8]}).")
   official, names, source_format, problems = to_official(state)
   arch = detect_architecture(official)
-  expected = dict(vit=expect_vit, num_registers=expect_registers, pos_grid=expect_pos_grid)
-  wrong = [f"{field}={arch[field]!r} (expected {want!r})"
-           for field, want in expected.items() if want is not None and arch[field] != want]
+  refuse_unexpected(arch, dict(vit=expect_vit, num_registers=expect_registers,
+                               pos_grid=expect_pos_grid))
+  params = official_to_params(official, encoder_from_arch(arch), names, problems)
+  return params, dict(arch, registers=arch["num_registers"], source_format=source_format,
+                      family=FAMILY)
+
+
+def refuse_unexpected(arch: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+  """Raises a CheckpointError when `arch` differs from a given (not None) `expected` field."""
+  wrong = [f"{field}={arch.get(field)!r} (expected {want!r})"
+           for field, want in expected.items() if want is not None and arch.get(field) != want]
   if wrong:
     raise CheckpointError(f"Checkpoint is not the expected architecture: {', '.join(wrong)}.")
-  params = official_to_params(official, encoder_from_arch(arch), names, problems)
-  meta = dict(arch, registers=arch["num_registers"], source_format=source_format)
-  return params, meta

@@ -14,6 +14,8 @@ No encoder weights: set --config.encoder_weights to a directory written by
 (or --checkpoint dinov2_vitb14_reg4_pretrain.pth from
 https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth),
 or to the official .pth file itself (it is converted once and cached).
+DINOv3 (model.family=dinov3): accept Meta's DINOv3 license and download the official
+.pth or the Hugging Face facebook/dinov3-* model.safetensors yourself, then use it the same way.
 Only the demo runs with random encoder weights (config.random_encoder=True)."""
 
 
@@ -38,13 +40,14 @@ def load_pretrained(config: ml_collections.ConfigDict) -> dict:
     tree, meta = converted.load_params(path)
   except FileNotFoundError as e:
     raise EncoderWeightsError(f"config.encoder_weights: {e}") from None
-  expected = (config.model.vit, config.model.registers)
-  found = (meta.get("vit"), meta.get("registers"))
+  expected = (config.model.family, config.model.vit, config.model.registers)
+  found = (meta.get("family", "dinov2"), meta.get("vit"), meta.get("registers"))  # older: DINOv2
   if found != expected:
+    describe = lambda family, vit, registers: f"{family} ViT-{vit} with {registers} registers"
     raise EncoderWeightsError(
-        f"config.encoder_weights: {config.encoder_weights} holds ViT-{found[0]} with "
-        f"{found[1]} registers, but the config asks for ViT-{expected[0]} with {expected[1]} "
-        f"registers (config.model.vit, config.model.registers).")
+        f"config.encoder_weights: {config.encoder_weights} holds {describe(*found)}, but the "
+        f"config asks for {describe(*expected)} (config.model.family, config.model.vit, "
+        "config.model.registers; configs take encoder=NAME, e.g. encoder=dinov3_vitb16).")
   return tree
 
 
