@@ -28,5 +28,18 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite."""
 
 
+class UsageError(ValueError):
+  """A bad command line: an unknown flag or config field, a value that does not parse."""
+
+
+class Interrupted(Exception):
+  """Training stopped on SIGINT or SIGTERM after saving a checkpoint (the message says how
+  to resume); `exit_code` is 128 + the signal number, as a shell reports a signal."""
+
+  def __init__(self, message: str, exit_code: int):
+    super().__init__(message)
+    self.exit_code = exit_code
+
+
 USER_ERRORS = (ConfigError, DataError, CheckpointError, EncoderWeightsError,
-               IncompatibleWorkdirError, NonFiniteLossError, FileNotFoundError)
+               IncompatibleWorkdirError, NonFiniteLossError, UsageError, FileNotFoundError)

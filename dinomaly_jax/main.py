@@ -3,7 +3,11 @@ r"""Dinomaly-JAX: train, evaluate, predict, export.
   python -m dinomaly_jax.main --config=configs/demo.py --workdir=/tmp/dinomaly_demo
   python -m dinomaly_jax.main --config=configs/visa.py --workdir=runs/visa \
       --config.data.root=/data/VisA_pytorch/1cls --config.encoder_weights=weights/vitb14_reg4
-  python -m dinomaly_jax.main --config=configs/visa.py --workdir=runs/visa --mode=eval
+  python -m dinomaly_jax.main --workdir=runs/visa --mode=eval
+  python -m dinomaly_jax.main --workdir=runs/visa --mode=predict --config.predict.input=/data/new
+
+A trained work directory keeps its configuration (config.json): eval, predict, export and
+resuming need only --workdir, plus the fields that may change (data root, eval/predict options).
 """
 import sys
 
@@ -12,29 +16,50 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from dinomaly_jax import command_line
 from dinomaly_jax import errors
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py[:args]); default: <workdir>/config.json.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory: checkpoints, logs, reports.")
 _MODE = flags.DEFINE_enum("mode", None, ["train", "eval", "predict", "export"],
                           "Overrides config.mode.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_bool("verbose", False, f"Show tracebacks of errors (or set ${command_line.VERBOSE_ENV}=1).")
+flags.mark_flags_as_required(["workdir"])
+
+_FROM_SAVED = []  # [True] when the config is the work directory's saved one
+
+
+def _parse(argv):
+  try:
+    argv, from_saved = command_line.choose_config(argv)
+    _FROM_SAVED.append(from_saved)
+    return command_line.parse_flags(argv)
+  except errors.UsageError as e:
+    command_line.fail(e, argv)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # keep the libraries' INFO lines off the terminal
-  config = _CONFIG.value
-  if _MODE.value:
-    config.mode = _MODE.value
   try:
+    config = _CONFIG.value
+    if _FROM_SAVED[-1]:
+      command_line.check_overrides(_WORKDIR.value, config_flags.get_override_values(flags.FLAGS["config"]))
+    if _MODE.value:
+      config.mode = _MODE.value
     from dinomaly_jax import run  # Imported here: jax and the stages load after the flags parse.
     run.run(config, _WORKDIR.value)
+  except errors.Interrupted as e:
+    command_line.fail(e, sys.argv, e.exit_code)
+  except KeyboardInterrupt as e:
+    command_line.fail(errors.Interrupted(
+        f"Interrupted before training started; nothing to resume in {_WORKDIR.value} "
+        "beyond its last checkpoint.", 130), sys.argv, 130)
   except errors.USER_ERRORS as e:
-    print(f"\nerror: {e}", file=sys.stderr)
-    sys.exit(1)
+    command_line.fail(e, sys.argv)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse)

@@ -14,6 +14,7 @@ valid=False, so that every process yields num_eval_batches batches and every rec
 scored once.
 """
 import os
+import signal
 import weakref
 
 from absl import flags
@@ -82,11 +83,25 @@ class _EvalExample:
 
 
 def _yield_from(iterator):
-  yield from iterator
+  """Each element as plain numpy arrays, so that no array handed on (to jax, which may
+  alias host memory) keeps a worker's shared-memory block alive past the iterator."""
+  try:
+    for element in iterator:
+      yield {k: np.array(v) for k, v in element.items()}
+  finally:
+    iterator.close()
+
+
+def _ignore_sigint(worker_index: int, worker_count: int) -> None:
+  """In each worker process: Ctrl-C reaches the whole process group, and the main
+  process (which stops training cleanly and closes the workers) handles it."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _iterate(ds: grain.MapDataset, workers: int):
-  """Iterates ds in `workers` processes (0 = this one); closes them when dropped or at exit."""
+  """Iterates ds in `workers` processes (0 = this one); closes them when the generator is
+  closed (`.close()`), dropped, or at exit."""
   iterator = iter(_prefetched(ds, workers))
   wrapper = _yield_from(iterator)
   weakref.finalize(wrapper, iterator.close)
@@ -99,8 +114,8 @@ def _prefetched(ds: grain.MapDataset, workers: int) -> grain.IterDataset:
   if workers:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app
       flags.FLAGS.mark_as_parsed()  # (tests, notebooks) use their defaults
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                     per_worker_buffer_size=2))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
+                        worker_init_fn=_ignore_sigint)
   return it
 
 

@@ -10,9 +10,11 @@ from dinomaly_jax import sharding
 from dinomaly_jax.data import index as data_index
 from dinomaly_jax.data import pipeline
 from dinomaly_jax.errors import ConfigError
+from dinomaly_jax.errors import Interrupted
 from dinomaly_jax.errors import NonFiniteLossError
 from dinomaly_jax.evaluation import evaluate
 from dinomaly_jax.training import feature_cache
+from dinomaly_jax.training import interrupt
 from dinomaly_jax.training import metric_writer
 from dinomaly_jax.training import model_state
 from dinomaly_jax.training import train_step
@@ -22,21 +24,21 @@ from dinomaly_jax.weights import checkpoint
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from the latest checkpoint in `workdir`), then evaluates."""
   checkpoint.check_compatible(workdir, config)
-  checkpoint.save_config(workdir, config)
   records = data_index.build_records(config.data, "train")
   test_records = data_index.build_records(config.data, "test")  # fail early on bad test data
   mesh = sharding.make_mesh()
   model, state, _ = model_state.build(config)
+  n_proc, batch = jax.process_count(), config.train.batch_size
+  if batch % n_proc:
+    raise ConfigError(
+        f"config.train.batch_size must be divisible by the number of processes ({n_proc}), got {batch}.")
+  checkpoint.save_config(workdir, config)  # every check passed: the work directory starts here
   state = sharding.replicate(state, mesh)
   mngr = checkpoint.manager(workdir, config)
   start = mngr.latest_step() or 0
   if start:
     state = checkpoint.restore(mngr, state, start)
     _log(f"Resumed from the checkpoint of step {start} in {workdir}.")
-  n_proc, batch = jax.process_count(), config.train.batch_size
-  if batch % n_proc:
-    raise ConfigError(
-        f"config.train.batch_size must be divisible by the number of processes ({n_proc}), got {batch}.")
   if config.data.cache_features:
     batches, step_fn = feature_cache.cached_training(
         config, model, state.encoder_params, records, mesh, start_step=start)
@@ -54,28 +56,34 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
        f"{jax.device_count()} devices ({jax.devices()[0].platform}).")
   result = {}
   pending = []  # (step, metrics on device): fetched at log time, no sync per step
+  _log("Compiling the train step...")
   bar = tqdm(total=config.train.steps, initial=start, disable=jax.process_index() != 0,
              dynamic_ncols=True, desc="train")
   last_good_checkpoint = start
+  device_batches = _on_device(batches, mesh)
   try:
     end = config.train.steps
     if config.train.stop_after:
       end = min(end, start + config.train.stop_after)
-    device_batches = _on_device(batches, mesh)
-    for step in range(start, end):
-      state, metrics = step_fn(state, next(device_batches))
-      pending.append((step, metrics))
-      done = step + 1
-      is_last = done == end
-      if done % config.train.log_every == 0 or is_last or _due(done, config.train.checkpoint_every):
-        _flush(pending, writer, bar, last_good_checkpoint)
-      if _due(done, config.train.checkpoint_every) or is_last:
-        checkpoint.save(mngr, done, state)
-        last_good_checkpoint = done
-      if _due(done, config.train.eval_every) and not is_last:
-        mngr.wait_until_finished()
-        _log_eval(writer, done, evaluate.evaluate(config, workdir, model, model_state.variables(state),
-                                                  test_records, step=done, mesh=mesh))
+    with interrupt.StopOnSignal() as stop:
+      for step in range(start, end):
+        state, metrics = step_fn(state, next(device_batches))
+        pending.append((step, metrics))
+        bar.update(1)
+        done = step + 1
+        is_last = done == end
+        is_log = done % config.train.log_every == 0
+        if is_log or is_last or _due(done, config.train.checkpoint_every):
+          _flush(pending, writer, bar, last_good_checkpoint)
+        if _due(done, config.train.checkpoint_every) or is_last:
+          checkpoint.save(mngr, done, state)
+          last_good_checkpoint = done
+        if not is_last and stop.should_stop(done, at_log_step=is_log):
+          _stop(stop, done, state, mngr, pending, writer, bar, last_good_checkpoint, workdir)
+        if _due(done, config.train.eval_every) and not is_last:
+          mngr.wait_until_finished()
+          _log_eval(writer, done, evaluate.evaluate(config, workdir, model, model_state.variables(state),
+                                                    test_records, step=done, mesh=mesh))
     bar.close()
     mngr.wait_until_finished()
     if end < config.train.steps:
@@ -86,10 +94,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       _log_eval(writer, end, result)
   finally:
     bar.close()
+    device_batches.close()  # shuts the data workers down (no leaked shared memory)
+    batches.close()
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
   return result
+
+
+def _stop(stop, done, state, mngr, pending, writer, bar, last_good_checkpoint, workdir):
+  """After a signal: the pending metrics logged, a checkpoint of step `done`, Interrupted."""
+  if pending:
+    _flush(pending, writer, bar, last_good_checkpoint)
+  if last_good_checkpoint != done:
+    checkpoint.save(mngr, done, state)
+  mngr.wait_until_finished()
+  bar.close()
+  raise Interrupted(
+      f"{stop.signal_name}: stopped after step {done}; its checkpoint is saved. Resume with: "
+      f"python -m dinomaly_jax.main --workdir={workdir}", 128 + int(stop.signum))
 
 
 def _on_device(batches, mesh, depth: int = 2):
@@ -121,8 +144,8 @@ def _flush(pending, writer, bar, last_good_checkpoint) -> None:
           f"checkpoint is step {last_good_checkpoint}; lower config.train.lr or check the data.")
   step, m = pending[-1][0], fetched[-1]
   writer.write_scalars(step + 1, m)
-  bar.set_postfix(loss=f"{float(m['loss']):.4f}", p=f"{float(m['p']):.2f}", lr=f"{float(m['lr']):.2e}")
-  bar.update(step + 1 - bar.n)
+  bar.set_postfix_str(f"step {step + 1}: loss {float(m['loss']):.4f}, p {float(m['p']):.2f}, "
+                      f"lr {float(m['lr']):.2e}")  # the last logged step's values
   pending.clear()
 
 

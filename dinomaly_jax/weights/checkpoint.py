@@ -11,20 +11,11 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from dinomaly_jax.config.saved import CONFIG_FILE
+from dinomaly_jax.config.saved import is_free_field
 from dinomaly_jax.errors import IncompatibleWorkdirError
 
-CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
-
-# Fields that may differ between the run that wrote a work directory and one that
-# continues it: they change neither the parameters' shapes nor the trajectory.
-_FREE_FIELDS = ("mode", "encoder_weights", "model.attention_impl", "data.root", "data.workers", "data.packed",
-                "train.log_every", "train.eval_every", "train.checkpoint_every",
-                "train.keep_checkpoints", "train.stop_after", "eval.", "predict.", "export.")
-
-
-def _is_free(field: str) -> bool:
-  return any(field == f or (f.endswith(".") and field.startswith(f)) for f in _FREE_FIELDS)
 
 
 def _flatten(d, prefix=""):
@@ -52,7 +43,7 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
   now = _flatten(_as_plain(config))
   diffs = [f"  config.{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
            for k in sorted(set(saved) | set(now))
-           if saved.get(k) != now.get(k) and not _is_free(k)]
+           if saved.get(k) != now.get(k) and not is_free_field(k)]
   if diffs:
     raise IncompatibleWorkdirError(
         f"The work directory {workdir} holds a run with a different configuration "
