@@ -26,12 +26,12 @@ def verbose(argv) -> bool:
   return "--verbose" in argv or os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
-def fail(error: BaseException, argv, exit_code: int = 1) -> None:
+def fail(error: BaseException, argv, exit_code: int = 1, prefix: str = "error: ") -> None:
   """Prints `error` as one line (with the traceback first when verbose) and exits."""
   if verbose(argv):
     traceback.print_exception(error)
   message = str(error).strip() or type(error).__name__
-  print(f"error: {message}", file=sys.stderr, flush=True)
+  print(f"{prefix}{message}", file=sys.stderr, flush=True)
   sys.exit(exit_code)
 
 

@@ -52,11 +52,11 @@ def main(argv):
     from dinomaly_jax import run  # Imported here: jax and the stages load after the flags parse.
     run.run(config, _WORKDIR.value)
   except errors.Interrupted as e:
-    command_line.fail(e, sys.argv, e.exit_code)
+    command_line.fail(e, sys.argv, e.exit_code, prefix="")
   except KeyboardInterrupt as e:
     command_line.fail(errors.Interrupted(
         f"Interrupted before training started; nothing to resume in {_WORKDIR.value} "
-        "beyond its last checkpoint.", 130), sys.argv, 130)
+        "beyond its last checkpoint.", 130), sys.argv, 130, prefix="")
   except errors.USER_ERRORS as e:
     command_line.fail(e, sys.argv)
 

@@ -11,6 +11,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 
 from dinomaly_jax import sharding
+from dinomaly_jax.config import saved
 from dinomaly_jax.config import validation
 from dinomaly_jax.data import index as data_index
 from dinomaly_jax.data import synthetic
@@ -21,9 +22,12 @@ from dinomaly_jax.inference import export
 from dinomaly_jax.inference import predict
 from dinomaly_jax.training import model_state
 from dinomaly_jax.training import train
+from dinomaly_jax.weights import checkpoint
+from dinomaly_jax.weights import encoder_weights
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  encoder_weights.resolve_architecture(config)
   validation.validate(config)
   sharding.maybe_initialize_distributed()
   if config.mode in ("train", "eval") and config.data.synthetic:
@@ -50,6 +54,8 @@ def evaluate_workdir(config, workdir, step: int | None = None) -> dict:
   records = data_index.build_records(config.data, "test")
   mesh = sharding.make_mesh()
   model, state = model_state.load_trained(config, workdir, mesh, step)
+  if not saved.exists_in(workdir):  # a new work directory (a converted reference model) starts here
+    checkpoint.save_config(workdir, config)
   return evaluate.evaluate(config, workdir, model, model_state.variables(state), records,
                            step=int(state.step), mesh=mesh)
 

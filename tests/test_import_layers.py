@@ -8,7 +8,7 @@ cannot hide a cycle. Layers (a module may import its own layer and those below):
   3 evaluation    dinomaly_jax.evaluation
   4 training      dinomaly_jax.training
   5 inference     dinomaly_jax.inference
-  6 entry points  dinomaly_jax.main, dinomaly_jax.run, the data CLIs, weight_conversion, configs
+  6 entry points  dinomaly_jax.main, dinomaly_jax.run, dinomaly_jax.command_line, the data CLIs, weight_conversion, configs
   7 dev tools     benchmarks, tests
 """
 import ast
@@ -25,7 +25,7 @@ LAYERS = [  # (module prefix, layer); the longest matching prefix wins
     ("dinomaly_jax.models", 1), ("dinomaly_jax.data", 1),
     ("dinomaly_jax.config", 2), ("dinomaly_jax.weights", 2),
     ("dinomaly_jax.evaluation", 3), ("dinomaly_jax.training", 4), ("dinomaly_jax.inference", 5),
-    ("dinomaly_jax.main", 6), ("dinomaly_jax.run", 6), ("dinomaly_jax.data.pack", 6),
+    ("dinomaly_jax.main", 6), ("dinomaly_jax.run", 6), ("dinomaly_jax.command_line", 6), ("dinomaly_jax.data.pack", 6),
     ("dinomaly_jax.data.visa_prepare", 6), ("weight_conversion", 6), ("configs", 6),
     ("benchmarks", 7), ("tests", 7),
 ]

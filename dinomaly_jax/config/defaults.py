@@ -8,7 +8,11 @@ import ml_collections
 
 from dinomaly_jax.models import encoders
 
-# Encoder variants of DINOv2 ViT/14: (embed_dim, depth, num_heads, ffn).
+# model.vit / model.registers of the dataset configs: read from the encoder weights' meta.json.
+AUTO_VIT = "auto"
+AUTO_REGISTERS = -1
+
+# The protocol's target layers of each DINOv2 ViT/14 size.
 VIT_TARGET_LAYERS = {
     "small": [2, 3, 4, 5, 6, 7, 8, 9],
     "base": [2, 3, 4, 5, 6, 7, 8, 9],
@@ -25,9 +29,12 @@ def base_config() -> ml_collections.ConfigDict:
   # --- Model -----------------------------------------------------------------
   c.model = m = ml_collections.ConfigDict()
   m.family = "dinov2"  # dinov2 (ViT/14, the paper's) | dinov3 (ViT/16; see set_encoder)
-  m.vit = "base"  # dinov2: small | base | large | giant; dinov3: small | small_plus | base | large | huge_plus
-  m.registers = 4  # 0 or 4 register tokens (dinov2reg_vit_base_14 by default; DINOv3 always 4)
-  m.target_layers = list(VIT_TARGET_LAYERS["base"])
+  # dinov2: small | base | large | giant; dinov3: small | small_plus | base | large | huge_plus;
+  # auto = the encoder weights' (dataset configs)
+  m.vit = "base"
+  # 0 or 4 register tokens (dinov2reg_vit_base_14 by default; DINOv3 always 4); -1 = the weights'
+  m.registers = 4
+  m.target_layers = list(VIT_TARGET_LAYERS["base"])  # empty = the protocol's layers for model.vit
   # Loose constraint: indices into the target-layer list, each group is a mean.
   m.fuse_groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
   m.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
@@ -156,10 +163,18 @@ def dataset_config(arg: str | None, data_layout: str, *, multi_class_steps: int 
   Arguments `vit=small|base|large|giant` (DINOv2), `encoder=NAME` (ENCODERS, e.g.
   dinov3_vitb16; overrides vit) and `sep` (class-separated: 5,000 steps per class, the
   protocol's; else `multi_class_steps`), plus `extra_args` with their defaults.
+  Without `encoder=`, the register count (and without `vit=`, the DINOv2 size) is read
+  from the encoder weights.
   """
-  a = parse_arg(arg, vit="base", encoder="", sep=False, **extra_args)
+  a = parse_arg(arg, vit=AUTO_VIT, encoder="", sep=False, **extra_args)
   c = base_config()
-  select_encoder(c, a.vit, a.encoder)
+  if a.encoder:
+    set_encoder(c, a.encoder)
+  elif a.vit == AUTO_VIT:
+    c.model.vit, c.model.registers, c.model.target_layers = AUTO_VIT, AUTO_REGISTERS, []
+  else:
+    set_vit(c, a.vit)
+    c.model.registers = AUTO_REGISTERS
   c.data.layout = data_layout
   c.data.class_separated = a.sep
   c.train.steps = 5_000 if a.sep else multi_class_steps

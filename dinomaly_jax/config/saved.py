@@ -44,6 +44,7 @@ def load(workdir: str) -> ml_collections.ConfigDict:
                       "config.json a training run wrote.") from None
   config = defaults.base_config()
   _merge(config, saved)
+  config.mode = defaults.base_config().mode  # the mode is the command line's (--mode), not the saved one
   return config
 
 

@@ -1,6 +1,7 @@
 """Checks every config field before any work starts; errors name the field."""
 import ml_collections
 
+from dinomaly_jax.config import defaults
 from dinomaly_jax.errors import ConfigError
 from dinomaly_jax.models import dinomaly
 from dinomaly_jax.models import encoders
@@ -47,9 +48,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
   m = c.model
   _one_of(c, "model.family", encoders.FAMILIES)
-  _one_of(c, "model.vit", encoders.sizes(m.family))
-  _one_of(c, "model.registers", encoders.register_counts(m.family))
-  dinomaly.check_model_config(m)
+  _one_of(c, "model.vit", (*encoders.sizes(m.family), defaults.AUTO_VIT))
+  _one_of(c, "model.registers", (*encoders.register_counts(m.family), defaults.AUTO_REGISTERS))
+  if m.vit != defaults.AUTO_VIT:  # else checked once the weights name the size
+    dinomaly.check_model_config(m)
   _one_of(c, "model.dtype", ("float32", "bfloat16"))
   _one_of(c, "model.attention_impl", ("auto", "xla", "cudnn", "blocked"))
   _positive_int(c, "model.bottleneck_ratio")

@@ -17,6 +17,7 @@ def build(config: ml_collections.ConfigDict):
   The encoder is loaded; bottleneck and decoder are initialised, or taken from a
   converted trained reference (ViTill) checkpoint in config.encoder_weights.
   """
+  encoder_weights.resolve_architecture(config)  # "auto" size / registers (a no-op once resolved)
   model = dinomaly.build_model(config.model)
   image_hw = (config.data.crop, config.data.crop)
   pretrained = encoder_weights.load_pretrained(config)

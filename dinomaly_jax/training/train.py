@@ -20,6 +20,8 @@ from dinomaly_jax.training import model_state
 from dinomaly_jax.training import train_step
 from dinomaly_jax.weights import checkpoint
 
+MAX_STEPS_IN_FLIGHT = 2  # steps dispatched ahead of the one the host waits for
+
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from the latest checkpoint in `workdir`), then evaluates."""
@@ -61,6 +63,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
              dynamic_ncols=True, desc="train")
   last_good_checkpoint = start
   device_batches = _on_device(batches, mesh)
+  in_flight = collections.deque()  # losses of the steps dispatched but maybe not yet run
   try:
     end = config.train.steps
     if config.train.stop_after:
@@ -69,6 +72,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for step in range(start, end):
         state, metrics = step_fn(state, next(device_batches))
         pending.append((step, metrics))
+        in_flight.append(metrics["loss"])
+        if len(in_flight) > MAX_STEPS_IN_FLIGHT:  # a signal then stops within a step or two
+          in_flight.popleft().block_until_ready()
         bar.update(1)
         done = step + 1
         is_last = done == end

@@ -26,14 +26,20 @@ def save_params(out_dir, tree: dict, meta: dict) -> pathlib.Path:
   return out_dir
 
 
-def load_params(path) -> tuple[dict, dict]:
-  """Reads a directory written by `save_params`: (tree of numpy arrays, meta)."""
+def read_meta(path) -> dict:
+  """The meta.json of a directory written by `save_params` (vit, registers, source)."""
   path = pathlib.Path(path).absolute()
   if not (path / META_FILE).is_file() or not (path / PARAMS_DIR).is_dir():
     raise FileNotFoundError(
         f"{path} is not a converted parameter directory (expected {META_FILE} and {PARAMS_DIR}/); "
         "create one with: python -m weight_conversion.convert --checkpoint FILE --out DIR")
-  meta = json.loads((path / META_FILE).read_text())
+  return json.loads((path / META_FILE).read_text())
+
+
+def load_params(path) -> tuple[dict, dict]:
+  """Reads a directory written by `save_params`: (tree of numpy arrays, meta)."""
+  path = pathlib.Path(path).absolute()
+  meta = read_meta(path)
   with ocp.StandardCheckpointer() as checkpointer:
     tree = checkpointer.restore(path / PARAMS_DIR)
   return tree, meta

@@ -4,6 +4,8 @@ import os
 
 import ml_collections
 
+from dinomaly_jax.config import defaults
+from dinomaly_jax.errors import ConfigError
 from dinomaly_jax.errors import EncoderWeightsError
 from dinomaly_jax.weights import convert
 from dinomaly_jax.weights import converted
@@ -29,15 +31,8 @@ def load_pretrained(config: ml_collections.ConfigDict) -> dict:
   config.random_encoder, {"encoder": None}: the train state initialises it from the seed."""
   if config.random_encoder:
     return {"encoder": None}
-  path = config.encoder_weights
-  if not path:
-    raise EncoderWeightsError(HOW_TO_GET_WEIGHTS)
-  if not os.path.exists(path):
-    raise EncoderWeightsError(f"config.encoder_weights: {path} does not exist.\n{HOW_TO_GET_WEIGHTS}")
-  if os.path.isfile(path):
-    path = _convert_cached(path)
   try:
-    tree, meta = converted.load_params(path)
+    tree, meta = converted.load_params(_converted_dir(config))
   except FileNotFoundError as e:
     raise EncoderWeightsError(f"config.encoder_weights: {e}") from None
   expected = (config.model.family, config.model.vit, config.model.registers)
@@ -49,6 +44,45 @@ def load_pretrained(config: ml_collections.ConfigDict) -> dict:
         f"config asks for {describe(*expected)} (config.model.family, config.model.vit, "
         "config.model.registers; configs take encoder=NAME, e.g. encoder=dinov3_vitb16).")
   return tree
+
+
+def resolve_architecture(config: ml_collections.ConfigDict) -> None:
+  """Fills config.model.vit = "auto" and registers = -1 from the encoder weights' meta.json,
+  and an empty model.target_layers with the protocol's DINOv2 layers for that size (in place).
+
+  Explicit values are left as they are; loading the weights checks them."""
+  m = config.model
+  if m.vit == defaults.AUTO_VIT or m.registers == defaults.AUTO_REGISTERS:
+    if config.random_encoder:
+      raise ConfigError("config.model.vit='auto' and config.model.registers=-1 are read from "
+                        "config.encoder_weights; with config.random_encoder=True set them "
+                        "(e.g. --config.model.vit=small --config.model.registers=0).")
+    try:
+      meta = converted.read_meta(_converted_dir(config))
+    except FileNotFoundError as e:
+      raise EncoderWeightsError(f"config.encoder_weights: {e}") from None
+    family = meta.get("family", "dinov2")  # older conversions: DINOv2
+    if family != m.family:
+      raise EncoderWeightsError(
+          f"config.encoder_weights: {config.encoder_weights} holds a {family} encoder, but "
+          f"config.model.family is {m.family!r}; configs take encoder=NAME for another family "
+          "(e.g. configs/mvtec.py:encoder=dinov3_vitb16).")
+    if m.vit == defaults.AUTO_VIT:
+      m.vit = meta["vit"]
+    if m.registers == defaults.AUTO_REGISTERS:
+      m.registers = meta["registers"]
+  if not m.target_layers and m.vit in defaults.VIT_TARGET_LAYERS:
+    m.target_layers = list(defaults.VIT_TARGET_LAYERS[m.vit])
+
+
+def _converted_dir(config: ml_collections.ConfigDict) -> str:
+  """config.encoder_weights as a converted directory (a PyTorch file is converted once)."""
+  path = config.encoder_weights
+  if not path:
+    raise EncoderWeightsError(HOW_TO_GET_WEIGHTS)
+  if not os.path.exists(path):
+    raise EncoderWeightsError(f"config.encoder_weights: {path} does not exist.\n{HOW_TO_GET_WEIGHTS}")
+  return _convert_cached(path) if os.path.isfile(path) else path
 
 
 def _convert_cached(checkpoint: str) -> str:
