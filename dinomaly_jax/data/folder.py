@@ -27,6 +27,12 @@ def list_classes(root: str) -> list[str]:
   return mvtec.list_classes(root)
 
 
+def ignored_paths(root: str, classes: list[str]) -> list[str]:
+  if _is_class_folder(root):
+    return mvtec.non_images(root)
+  return mvtec.ignored_paths(root, classes)
+
+
 def class_records(root: str, class_name: str, split: str) -> list[Record]:
   mvtec.check_root(root)
   if _is_class_folder(root):

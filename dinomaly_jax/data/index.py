@@ -1,4 +1,7 @@
 """data_config -> records: dispatches on data_config.layout (or reads a packed dataset)."""
+import os
+import sys
+
 from dinomaly_jax.data import folder
 from dinomaly_jax.data import mvtec
 from dinomaly_jax.data import packed
@@ -11,6 +14,7 @@ from dinomaly_jax.errors import DataError
 LAYOUTS = {"mvtec": mvtec, "mpdd": mvtec, "btad": mvtec, "visa": visa, "realiad": realiad,
            "folder": folder}
 SPLITS = ("train", "test")
+MAX_LISTED = 10  # ignored paths named in the warning
 
 
 def _layout(data_config):
@@ -46,6 +50,25 @@ def build_records(data_config, split: str) -> list[Record]:
   if data_config.packed:
     return packed.read_records(data_config.packed, split, classes, data_config)
   layout = _layout(data_config)
+  _warn_ignored(data_config, classes)
   records = [r for c in classes for r in layout.class_records(data_config.root, c, split)]
   validate.check_records(records)
   return records
+
+
+_WARNED = set()  # roots whose ignored files were reported (once per process)
+
+
+def _warn_ignored(data_config, classes) -> None:
+  """One warning listing the files and folders under the root that are not used."""
+  layout, root = _layout(data_config), data_config.root
+  if not hasattr(layout, "ignored_paths") or root in _WARNED:
+    return
+  _WARNED.add(root)
+  ignored = layout.ignored_paths(root, classes)
+  if ignored:
+    shown = ", ".join(os.path.relpath(p, root) + ("/" if p.endswith(os.sep) else "")
+                      for p in ignored[:MAX_LISTED])
+    more = f" and {len(ignored) - MAX_LISTED} more" if len(ignored) > MAX_LISTED else ""
+    print(f"warning: {root}: ignored {len(ignored)} files or folders that are not images "
+          f"(not trained on, not evaluated): {shown}{more}", file=sys.stderr, flush=True)

@@ -36,11 +36,39 @@ def list_images(folder: str) -> list[str]:
                 if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
 
 
+def _files_under(folder: str) -> list[str]:
+  """Every file below `folder`, hidden files and folders (".DS_Store", ".git") left out."""
+  found = []
+  for parent, dirs, files in os.walk(folder):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    found += [os.path.join(parent, f) for f in sorted(files) if not f.startswith(".")]
+  return found
+
+
+def _is_image(path: str) -> bool:
+  return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def non_images(folder: str) -> list[str]:
+  """Files below `folder` that the index skips (notes.txt, Thumbs.db; hidden files are
+  skipped silently and not listed)."""
+  return [f for f in _files_under(folder) if not _is_image(f)]
+
+
+def ignored_paths(root: str, classes: list[str]) -> list[str]:
+  """What the index skips, for one warning: folders of `root` without any image (not
+  classes) and the non-image files of the class folders."""
+  empty = [os.path.join(root, d) + os.sep for d in _subdirs(root)
+           if d not in classes and not any(map(_is_image, _files_under(os.path.join(root, d))))]
+  return empty + [f for c in classes for f in non_images(os.path.join(root, c))]
+
+
 def list_classes(root: str) -> list[str]:
-  """Class folders of root: those holding a train/ or test/ folder."""
+  """Class folders of root: those holding a train/ or test/ folder and at least one image."""
   check_root(root)
   classes = [d for d in _subdirs(root)
-             if any(os.path.isdir(os.path.join(root, d, s)) for s in SPLITS)]
+             if any(os.path.isdir(os.path.join(root, d, s)) for s in SPLITS)
+             and any(map(_is_image, _files_under(os.path.join(root, d))))]
   if not classes:
     raise DataError(f"{root}: no class folders found; expected <root>/<class>/train/good "
                     "and <root>/<class>/test/<type> (MVTec-AD layout).")

@@ -5,6 +5,7 @@ import os
 import ml_collections
 
 from dinomaly_jax.config import defaults
+from dinomaly_jax.errors import CheckpointError
 from dinomaly_jax.errors import ConfigError
 from dinomaly_jax.errors import EncoderWeightsError
 from dinomaly_jax.weights import convert
@@ -92,6 +93,9 @@ def _convert_cached(checkpoint: str) -> str:
   out = os.path.join(cache_dir(), f"{os.path.basename(checkpoint)}-{key}")
   if not os.path.exists(os.path.join(out, converted.META_FILE)):
     print(f"Converting {checkpoint} -> {out} (once; cached for later runs)", flush=True)
-    tree, meta = convert.convert_file(checkpoint)
+    try:
+      tree, meta = convert.convert_file(checkpoint)
+    except CheckpointError as e:
+      raise EncoderWeightsError(f"config.encoder_weights: {e}") from None
     converted.save_params(out, tree, meta)
   return out

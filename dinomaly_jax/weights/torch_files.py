@@ -6,6 +6,16 @@ from dinomaly_jax.errors import CheckpointError
 _WRAPPER_KEYS = ("state_dict", "model")  # common {"model": state_dict} wrappers
 
 
+def _reason(error: Exception) -> str:
+  """The informative part of torch's (long, multi-line) load error, on one line."""
+  text = str(error)
+  if "WeightsUnpickler error:" in text:  # the real cause sits between boilerplate paragraphs
+    text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+  else:
+    text = text.split(". ", 1)[0]
+  return " ".join(text.split()) or type(error).__name__
+
+
 def load_state_dict(path) -> dict:
   """Reads a state dict of tensors from .pth/.pt/.bin (torch) or .safetensors.
 
@@ -24,7 +34,7 @@ def load_state_dict(path) -> dict:
       state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch/safetensors raise many types for bad files
     raise CheckpointError(
-        f"Cannot read checkpoint {path} ({type(e).__name__}: {str(e)[:300]}). Expected a complete "
+        f"Cannot read checkpoint {path} ({type(e).__name__}: {_reason(e)}). Expected a complete "
         "PyTorch state dict saved with torch.save (.pth/.pt/.bin) or a .safetensors file; "
         "a truncated download gives this error too.") from None
   if isinstance(state, dict) and len(state) == 1 and next(iter(state)) in _WRAPPER_KEYS:
