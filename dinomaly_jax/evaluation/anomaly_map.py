@@ -131,7 +131,8 @@ def full_resolution_map(maps, original_hw: Sequence[int], data_config=None) -> n
   maps = np.asarray(maps, np.float32)
   size = maps.shape[1:]
   mats = [_full_resolution_axis(out, s, data_config) for out, s in zip(original_hw, size)]
-  return np.einsum("yh,bhw,xw->byx", mats[0], maps, mats[1]).astype(np.float32)
+  return (mats[0] @ maps @ mats[1].T).astype(np.float32)  # (H, h) @ (B, h, w) @ (w, W); not a
+  # plain einsum, which loops over all four sizes (minutes for a megapixel image)
 
 
 def _full_resolution_axis(out_size: int, map_size: int, data_config) -> np.ndarray:

@@ -11,9 +11,9 @@ import re
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib import image as mpl_image
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 from scipy import ndimage
 from sklearn import metrics as skm
 
@@ -120,4 +120,5 @@ def save_heatmap(path: str, original_uint8, full_map, threshold: float) -> None:
     region = amap >= threshold
     painted[region & ~ndimage.binary_erosion(region, iterations=2)] = 255  # white outline
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  mpl_image.imsave(path, np.concatenate([image[..., :3], painted], axis=1))
+  # Fast zlib level: a predicted folder writes one such PNG per image.
+  Image.fromarray(np.concatenate([image[..., :3], painted], axis=1)).save(path, compress_level=1)
