@@ -35,6 +35,12 @@ def fail(error: BaseException, argv, exit_code: int = 1, prefix: str = "error: "
   sys.exit(exit_code)
 
 
+def resume_hint(workdir: str) -> str:
+  if saved.exists_in(workdir):
+    return f"Resume with: python -m dinomaly_jax.main --workdir={workdir}"
+  return f"Nothing was written to {workdir}."
+
+
 def _flag_value(argv, name: str) -> str | None:
   """The value of --name=V or --name V in argv (the last one wins), else None."""
   value = None

@@ -53,10 +53,9 @@ def main(argv):
     run.run(config, _WORKDIR.value)
   except errors.Interrupted as e:
     command_line.fail(e, sys.argv, e.exit_code, prefix="")
-  except KeyboardInterrupt as e:
-    command_line.fail(errors.Interrupted(
-        f"Interrupted before training started; nothing to resume in {_WORKDIR.value} "
-        "beyond its last checkpoint.", 130), sys.argv, 130, prefix="")
+  except KeyboardInterrupt:  # outside the train loop (which stops at a step itself)
+    command_line.fail(errors.Interrupted(f"Interrupted. {command_line.resume_hint(_WORKDIR.value)}", 130),
+                      sys.argv, 130, prefix="")
   except errors.USER_ERRORS as e:
     command_line.fail(e, sys.argv)
 
