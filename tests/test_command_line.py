@@ -11,11 +11,10 @@ import signal
 import subprocess
 import sys
 
-from dinov2.models import vision_transformer as dinov2_vit
 import pytest
-import torch
 
 from tests import main_helpers
+from tests.test_encoder_weights import official_pth  # pylint: disable=unused-import  (a fixture: DINOv2 ViT-S/14, no registers)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 600
@@ -47,17 +46,14 @@ def data_root(tmp_path_factory):
   return root
 
 
-@pytest.fixture(scope="module")
-def trained(data_root, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("run"))
+def test_first_hour_train_then_predict_with_the_saved_config(data_root, tmp_path):
+  """One training run (a module fixture would run once per xdist worker), then its work
+  directory used the way the README says: --workdir and the fields that may change."""
+  workdir = str(tmp_path / "run")
   proc = _main(f"--config=tests/tiny_config.py:{data_root}", f"--workdir={workdir}",
                "--config.data.workers=1", "--config.train.eval_every=0")
-  assert proc.returncode == 0, proc.stdout
-  return workdir, proc.stdout
-
-
-def test_training_output_strays_progress_and_no_leak(trained):
-  workdir, out = trained
+  out = proc.stdout
+  assert proc.returncode == 0, out
   # Stray files and the empty class folder: one warning naming them; hidden files not named.
   warnings = [line for line in out.splitlines() if "not images" in line]
   assert len(warnings) == 1, out
@@ -75,22 +71,17 @@ def test_training_output_strays_progress_and_no_leak(trained):
   assert shown and {int(s) for s, _ in shown} <= set(logged)
   for step, loss in shown:
     assert float(loss) == pytest.approx(logged[int(step)], abs=5e-5)
-  assert "leaked" not in out and "Traceback" not in out
+  assert "leaked" not in out and "Traceback" not in out  # grain workers shut down cleanly
 
-
-def test_predict_reads_the_saved_config(trained, data_root, tmp_path):
-  workdir, _ = trained
+  predictions = tmp_path / "predictions"
   proc = _main(f"--workdir={workdir}", "--mode=predict",
                f"--config.predict.input={os.path.join(data_root, 'nut', 'test')}",
-               f"--config.predict.output={tmp_path}")
+               f"--config.predict.output={predictions}")
   assert proc.returncode == 0, proc.stdout
   assert re.search(r"Predicted 6 images in [0-9.]+ s \([0-9.]+ images/s", proc.stdout)
-  rows = list(csv.DictReader(open(tmp_path / "predictions.csv")))
+  rows = list(csv.DictReader(open(predictions / "predictions.csv")))
   assert len(rows) == 6 and {r["class"] for r in rows} == {"nut"}
 
-
-def test_a_changed_model_field_is_refused_by_name(trained):
-  workdir, _ = trained
   line = _one_error_line(_main(f"--workdir={workdir}", "--mode=predict",
                                "--config.model.decoder_depth=10", "--config.predict.input=x"))
   assert "--config.model.decoder_depth=10" in line and "decoder_depth=8" in line
@@ -136,32 +127,22 @@ def test_config_mistakes_are_one_line(data_root, tmp_path):
   assert "Traceback" in verbose.stdout and verbose.returncode == 1
 
 
-@pytest.fixture(scope="module")
-def plain_pth(tmp_path_factory):
-  """An official-format DINOv2 ViT-S/14 checkpoint without registers (random weights)."""
-  torch.manual_seed(0)
-  model = dinov2_vit.vit_small(patch_size=14, img_size=518, init_values=1.0, block_chunks=0)
-  path = tmp_path_factory.mktemp("pth") / "dinov2_vits14_pretrain.pth"
-  torch.save(model.state_dict(), path)
-  return str(path)
-
-
-def test_weights_name_the_architecture_and_bad_weights_are_one_line(plain_pth, data_root, tmp_path):
+def test_weights_name_the_architecture_and_bad_weights_are_one_line(official_pth, data_root, tmp_path):
   env = {"DINOMALY_JAX_CACHE": str(tmp_path / "cache")}
   common = ["--config=configs/folder.py", f"--config.data.root={data_root}", "--config.data.crop=28",
             "--config.data.resize=32"]
   # An explicit register count is checked against the weights; nothing is written.
-  line = _one_error_line(_main(*common, f"--workdir={tmp_path / 'w'}", f"--config.encoder_weights={plain_pth}",
+  line = _one_error_line(_main(*common, f"--workdir={tmp_path / 'w'}", f"--config.encoder_weights={official_pth}",
                                "--config.model.registers=4", env=env))
   assert "holds ViT-small with 0 registers" in line and "config.model.registers" in line
   assert not os.path.exists(tmp_path / "w")
   # Without it, size and registers come from the weights: the run gets past every check
   # and stops only because an encoder-only checkpoint cannot be evaluated untrained.
-  line = _one_error_line(_main(*common, f"--workdir={tmp_path / 'w'}", f"--config.encoder_weights={plain_pth}",
+  line = _one_error_line(_main(*common, f"--workdir={tmp_path / 'w'}", f"--config.encoder_weights={official_pth}",
                                "--mode=eval", env=env))
   assert "No checkpoint in" in line and "train there first" in line
   corrupt = tmp_path / "corrupt.pth"
-  corrupt.write_bytes(open(plain_pth, "rb").read()[:100_000])
+  corrupt.write_bytes(open(official_pth, "rb").read()[:100_000])
   line = _one_error_line(_main(*common, f"--workdir={tmp_path / 'w'}", f"--config.encoder_weights={corrupt}",
                                env=env))
   assert line.startswith(f"error: config.encoder_weights: Cannot read checkpoint {corrupt} (")
