@@ -41,9 +41,9 @@ def test_every_config_validates_with_dinov3(name, encoder):
 
 
 def test_encoder_presets():
-  c = _config("mvtec")  # defaults unchanged: the paper's DINOv2 ViT-B/14 with registers
+  c = _config("mvtec")  # DINOv2; size and registers read from the weights at the start of a run
   assert (c.model.family, c.model.vit, c.model.registers, c.data.resize, c.data.crop) == (
-      "dinov2", "base", 4, 448, 392)
+      "dinov2", "auto", -1, 448, 392)
   c = _config("mvtec", "encoder=dinov3_vitl16")
   assert (c.model.vit, c.model.target_layers, c.model.fuse_groups) == (
       "large", [20, 21, 22, 23], [[0, 1], [2, 3]])

@@ -48,10 +48,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
   m = c.model
   _one_of(c, "model.family", encoders.FAMILIES)
-  _one_of(c, "model.vit", (*encoders.sizes(m.family), defaults.AUTO_VIT))
-  _one_of(c, "model.registers", (*encoders.register_counts(m.family), defaults.AUTO_REGISTERS))
-  if m.vit != defaults.AUTO_VIT:  # else checked once the weights name the size
+  if m.vit != defaults.AUTO_VIT:  # "auto" and -1 are read from the weights before the run
+    _one_of(c, "model.vit", encoders.sizes(m.family))
     dinomaly.check_model_config(m)
+  if m.registers != defaults.AUTO_REGISTERS:
+    _one_of(c, "model.registers", encoders.register_counts(m.family))
   _one_of(c, "model.dtype", ("float32", "bfloat16"))
   _one_of(c, "model.attention_impl", ("auto", "xla", "cudnn", "blocked"))
   _positive_int(c, "model.bottleneck_ratio")
