@@ -134,7 +134,7 @@ def test_weights_name_the_architecture_and_bad_weights_are_one_line(official_pth
   # An explicit register count is checked against the weights; nothing is written.
   line = _one_error_line(_main(*common, f"--workdir={tmp_path / 'w'}", f"--config.encoder_weights={official_pth}",
                                "--config.model.registers=4", env=env))
-  assert "holds ViT-small with 0 registers" in line and "config.model.registers" in line
+  assert "holds dinov2 ViT-small with 0 registers" in line and "config.model.registers" in line
   assert not os.path.exists(tmp_path / "w")
   # Without it, size and registers come from the weights: the run gets past every check
   # and stops only because an encoder-only checkpoint cannot be evaluated untrained.
