@@ -1,5 +1,7 @@
-"""The train loop: state, jitted step over the mesh, checkpoints, logging, evaluation."""
+"""The train loop: state, jitted step over the mesh, checkpoints, logging, evaluation,
+rollbacks on loss spikes (spike_guard.py)."""
 import collections
+import copy
 import math
 
 import jax
@@ -10,11 +12,11 @@ from dinomaly_jax import sharding
 from dinomaly_jax.data import index as data_index
 from dinomaly_jax.data import pipeline
 from dinomaly_jax.errors import ConfigError
-from dinomaly_jax.errors import NonFiniteLossError
 from dinomaly_jax.evaluation import evaluate
 from dinomaly_jax.training import feature_cache
 from dinomaly_jax.training import metric_writer
 from dinomaly_jax.training import model_state
+from dinomaly_jax.training import spike_guard
 from dinomaly_jax.training import train_step
 from dinomaly_jax.weights import checkpoint
 
@@ -37,14 +39,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if batch % n_proc:
     raise ConfigError(
         f"config.train.batch_size must be divisible by the number of processes ({n_proc}), got {batch}.")
+  guard = spike_guard.SpikeGuard(config.train, workdir, write=jax.process_index() == 0)
+  position = start + guard.data_offset  # batches skipped by earlier rollbacks
   if config.data.cache_features:
-    batches, step_fn = feature_cache.cached_training(
-        config, model, state.encoder_params, records, mesh, start_step=start)
+    batches, _ = feature_cache.cached_training(
+        config, model, state.encoder_params, records, mesh, start_step=position)
   else:
-    step_fn = train_step.make_train_step(model, config, mesh)
     batches = pipeline.train_iterator(
         records, config.data, batch_size=batch // n_proc, seed=config.seed,
-        process_index=jax.process_index(), process_count=n_proc, start_step=start)
+        process_index=jax.process_index(), process_count=n_proc, start_step=position)
+  step_fn = _step_fn(model, config, mesh, guard.lr_scale)
+  # Rollbacks before the first checkpoint return to the initial state (kept on the host).
+  rollback_to_start = config.train.spike_policy == "rollback" and not start
+  initial = jax.device_get(checkpoint.trainable(state)) if rollback_to_start else None
   writer = metric_writer.MetricWriter(workdir)
   if config.random_encoder:
     _log("NOTE: the encoder has RANDOM weights (config.random_encoder=True), not pretrained ones: "
@@ -62,13 +69,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.train.stop_after:
       end = min(end, start + config.train.stop_after)
     device_batches = _on_device(batches, mesh)
-    for step in range(start, end):
+    done = start
+    while done < end:
       state, metrics = step_fn(state, next(device_batches))
-      pending.append((step, metrics))
-      done = step + 1
+      pending.append((done, metrics))
+      done += 1
       is_last = done == end
       if done % config.train.log_every == 0 or is_last or _due(done, config.train.checkpoint_every):
-        _flush(pending, writer, bar, last_good_checkpoint)
+        spike = _flush(pending, writer, bar, guard)
+        if spike is not None:  # back to the last good state; the data continues after the spike
+          guard.record(spike, last_good=last_good_checkpoint, done=done)  # raises if not allowed
+          writer.write_scalars(spike.step, {"spike/rollbacks": len(guard.events), "spike/lr_scale": guard.lr_scale})
+          _log(f"Loss spike at step {spike.step} ({spike.reason}, loss {spike.loss}): rolled back to step "
+               f"{last_good_checkpoint}, skipping the {done - last_good_checkpoint} batches since, learning "
+               f"rate x{guard.lr_scale:g} (rollback {len(guard.events)} of {config.train.spike_max_rollbacks}).")
+          mngr.wait_until_finished()
+          state = (checkpoint.restore(mngr, state, last_good_checkpoint)
+                   if last_good_checkpoint in mngr.all_steps() else state.replace(**sharding.replicate(initial, mesh)))
+          step_fn = _step_fn(model, config, mesh, guard.lr_scale)
+          done = bar.n = last_good_checkpoint
+          continue
       if _due(done, config.train.checkpoint_every) or is_last:
         checkpoint.save(mngr, done, state)
         last_good_checkpoint = done
@@ -111,19 +131,29 @@ def _due(done: int, every: int) -> bool:
   return every > 0 and done % every == 0
 
 
-def _flush(pending, writer, bar, last_good_checkpoint) -> None:
-  """Fetches the pending step metrics, checks them, logs the last one."""
+def _step_fn(model, config, mesh, lr_scale: float):
+  """The jitted train step, its learning rates scaled by lr_scale (after spike rollbacks)."""
+  if lr_scale != 1:
+    config = copy.deepcopy(config)
+    config.train.lr *= lr_scale
+    config.train.final_lr *= lr_scale
+  if config.data.cache_features:
+    step = train_step.make_train_step(model, config, mesh, from_features=True)
+    return lambda state, batch: step(state, feature_cache.to_float32(batch))
+  return train_step.make_train_step(model, config, mesh)
+
+
+def _flush(pending, writer, bar, guard) -> spike_guard.Spike | None:
+  """Fetches the pending step metrics and checks them: the first spike, or logs the last one."""
   fetched = jax.device_get([m for _, m in pending])
-  for (step, _), m in zip(pending, fetched):
-    if not math.isfinite(float(m["loss"])):
-      raise NonFiniteLossError(
-          f"The loss is {float(m['loss'])} at step {step + 1}: training stopped. The last good "
-          f"checkpoint is step {last_good_checkpoint}; lower config.train.lr or check the data.")
-  step, m = pending[-1][0], fetched[-1]
-  writer.write_scalars(step + 1, m)
-  bar.set_postfix(loss=f"{float(m['loss']):.4f}", p=f"{float(m['p']):.2f}", lr=f"{float(m['lr']):.2e}")
-  bar.update(step + 1 - bar.n)
+  spike = guard.check([(step + 1, float(m["loss"])) for (step, _), m in zip(pending, fetched)])
+  if spike is None:
+    step, m = pending[-1][0], fetched[-1]
+    writer.write_scalars(step + 1, m)
+    bar.set_postfix(loss=f"{float(m['loss']):.4f}", p=f"{float(m['p']):.2f}", lr=f"{float(m['lr']):.2e}")
+    bar.update(step + 1 - bar.n)
   pending.clear()
+  return spike
 
 
 def _log(message: str) -> None:

@@ -20,7 +20,9 @@ CHECKPOINT_DIR = "checkpoints"
 # continues it: they change neither the parameters' shapes nor the trajectory.
 _FREE_FIELDS = ("mode", "encoder_weights", "model.attention_impl", "data.root", "data.workers", "data.packed",
                 "train.log_every", "train.eval_every", "train.checkpoint_every",
-                "train.keep_checkpoints", "train.stop_after", "eval.", "predict.", "export.")
+                "train.keep_checkpoints", "train.stop_after", "train.spike_policy", "train.spike_factor",
+                "train.spike_window", "train.spike_lr_factor", "train.spike_max_rollbacks", "eval.",
+                "predict.", "export.")
 
 
 def _is_free(field: str) -> bool:
@@ -78,7 +80,7 @@ def manager(workdir: str, config: ml_collections.ConfigDict, *, read_only=False)
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
   """Saves the trainable part of `state` asynchronously."""
-  mngr.save(step, args=ocp.args.StandardSave(_trainable(state)), force=True)
+  mngr.save(step, args=ocp.args.StandardSave(trainable(state)), force=True)
 
 
 def restore(mngr: ocp.CheckpointManager, state, step: int | None = None):
@@ -86,10 +88,11 @@ def restore(mngr: ocp.CheckpointManager, state, step: int | None = None):
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"No checkpoint in {mngr.directory}.")
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _trainable(state))
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainable(state))
   restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
   return state.replace(**restored)
 
 
-def _trainable(state) -> dict:
+def trainable(state) -> dict:
+  """The part of a train state a checkpoint holds (the encoder is frozen and not saved)."""
   return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng}
