@@ -1,7 +1,7 @@
-"""Prediction on new images: score, decision with the saved threshold, heatmaps, a CSV."""
+"""Prediction on new images: score, normalised score and decision with the class's calibrated
+threshold (evaluation/calibration.py), heatmaps on the class's fixed colour scale, a CSV."""
 import csv
 import glob
-import json
 import os
 
 import jax
@@ -13,6 +13,7 @@ from dinomaly_jax import sharding
 from dinomaly_jax.data import transforms
 from dinomaly_jax.errors import DataError
 from dinomaly_jax.evaluation import anomaly_map
+from dinomaly_jax.evaluation import calibration
 from dinomaly_jax.evaluation import evaluate
 from dinomaly_jax.evaluation import pictures
 from dinomaly_jax.training import model_state
@@ -35,8 +36,8 @@ def list_images(pattern: str) -> list[str]:
   return paths
 
 
-def _threshold_for(path: str, class_name: str, thresholds: dict) -> tuple[str, float]:
-  """The class's threshold: the configured class, else a known class in the path, else pooled."""
+def _threshold_for(path: str, class_name: str, thresholds: dict) -> tuple[str, calibration.ClassCalibration]:
+  """The class's calibration: the configured class, else a known class in the path, else pooled."""
   if class_name:
     if class_name not in thresholds:
       raise DataError(f"config.predict.class_name={class_name!r} is not a trained class; "
@@ -52,11 +53,7 @@ def _threshold_for(path: str, class_name: str, thresholds: dict) -> tuple[str, f
 def predict(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Writes predictions.csv and one heatmap PNG per image into config.predict.output."""
   paths = list_images(config.predict.input)
-  threshold_file = os.path.join(workdir, evaluate.THRESHOLDS_FILE)
-  if not os.path.exists(threshold_file):
-    raise FileNotFoundError(f"No {threshold_file}: run training (or --mode=eval) in {workdir} first.")
-  with open(threshold_file) as f:
-    thresholds = json.load(f)
+  thresholds = calibration.load(workdir)
   out_dir = config.predict.output or os.path.join(workdir, "predictions")
   os.makedirs(out_dir, exist_ok=True)
   mesh = sharding.make_mesh()
@@ -72,17 +69,18 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     images = np.stack([transforms.preprocess_image(o, config.data) for o in originals])
     maps, scores = jax.device_get(map_fn(variables, images))
     for path, original, amap, score in zip(chunk, originals, maps, scores):
-      class_name, threshold = _threshold_for(path, config.predict.class_name, thresholds)
+      class_name, cal = _threshold_for(path, config.predict.class_name, thresholds)
       rel = os.path.splitext(os.path.relpath(path, common))[0]  # mirrors the input folders
       heatmap = os.path.join(out_dir, rel + "_heatmap.png")
       os.makedirs(os.path.dirname(heatmap), exist_ok=True)
       full = np.asarray(anomaly_map.full_resolution_map(amap[None], original.shape[:2], config.data)[0])
-      pictures.save_heatmap(heatmap, original, full, threshold)
+      pictures.save_heatmap(heatmap, original, full, cal.threshold, scale=cal.heat_range())
       if config.predict.save_maps:
         np.save(heatmap[:-len("_heatmap.png")] + "_map.npy", full.astype(np.float32))
       rows.append({"image": path, "class": class_name, "score": float(score),
-                   "threshold": float(threshold),
-                   "decision": "anomalous" if score >= threshold else "normal",
+                   "normalised_score": float(cal.normalise(score)), "threshold": cal.threshold,
+                   "threshold_from": cal.source,
+                   "decision": "anomalous" if score >= cal.threshold else "normal",
                    "heatmap": heatmap})
   with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
