@@ -133,8 +133,9 @@ def test_export_reloads_and_gives_the_same_maps(trained, data_root):
   c = config.copy_and_resolve_references()
   c.mode = "export"
   out = run.run(c, workdir)
-  paths = sorted(os.path.join(data_root, "brick", "test", "hole", p)
-                 for p in os.listdir(os.path.join(data_root, "brick", "test", "hole")))[:3]
+  test_dir = os.path.join(data_root, "brick", "test")
+  paths = sorted(os.path.join(test_dir, d, p) for d in os.listdir(test_dir)
+                 for p in os.listdir(os.path.join(test_dir, d)))[:3]
   images = np.stack([transforms.preprocess_image(transforms.load_image(p), config.data) for p in paths])
   np.save(os.path.join(out, "probe.npy"), images)
   # The loader runs in a fresh interpreter that never imports the training code.
@@ -220,6 +221,11 @@ def test_demo_command_line(tmp_path):
   assert report["extra"]["random_encoder"] is True
   assert "RANDOM encoder" in open(tmp_path / "eval" / "report.md").read()
   assert os.path.exists(tmp_path / "eval" / "pictures" / "pill" / "scores.png")
+  # Calibrated on held-out normal images: the thresholds, the normalisation and the HTML report.
+  assert "pill: threshold" in proc.stdout and "(calibration images)" in proc.stdout
+  assert report["extra"]["calibration"] == "0.2 of train/good held out"
+  assert calibration.load(str(tmp_path))["pill"].num_images == 6
+  assert os.path.getsize(tmp_path / "eval" / "report.html") > 0
 
 
 def test_dinov3_demo_command_line(data_root, tmp_path):

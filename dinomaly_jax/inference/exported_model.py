@@ -24,7 +24,8 @@ def load(export_dir: str):
   def fn(images, classes=None):
     images = np.asarray(images, np.float32)
     if classes is None or isinstance(classes, str):
-      classes = [classes or info["pooled_class"]] * images.shape[0]
+      classes = [classes] * images.shape[0]
+    classes = [c or info["pooled_class"] for c in classes]
     unknown = sorted(set(classes) - set(info["classes"]))
     if unknown:
       raise ValueError(f"unknown classes {unknown}; the export knows {info['classes']}.")
