@@ -95,7 +95,8 @@ def score_figure(class_name: str, scores, labels, thresholds=None) -> Figure:
     if np.isfinite(value):
       ax.axvline(value, color="black", linestyle=style, linewidth=1.2, label=label)
   ax.set_xlabel("image score")
-  ax.legend(fontsize=8)
+  ax.set_ylim(0, ax.get_ylim()[1] * 1.5)  # room for the legend above the bars
+  ax.legend(fontsize=7, loc="upper right")
   ax.set_title("score histogram", fontsize=9)
   if labels.any() and not labels.all():
     fpr, tpr, _ = skm.roc_curve(labels, scores)
