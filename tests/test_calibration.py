@@ -1,5 +1,6 @@
 """Calibration from normal images: the split, thresholds, normalisation, inspection numbers."""
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -13,10 +14,12 @@ from dinomaly_jax.data import index as data_index
 from dinomaly_jax.data import synthetic
 from dinomaly_jax.data.records import Record
 from dinomaly_jax.errors import DataError
+from dinomaly_jax.errors import IncompatibleWorkdirError
 from dinomaly_jax.evaluation import calibration
 from dinomaly_jax.evaluation import html_report
 from dinomaly_jax.evaluation import inspection
 from dinomaly_jax.evaluation import pictures
+from dinomaly_jax.weights import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -135,3 +138,18 @@ def test_heatmaps_share_the_class_scale_not_a_per_image_one(tmp_path):
   np.testing.assert_array_equal(a[4:, 4:], b[4:, 4:])  # equal map values, equal colours
   expected = pictures.overlay(image[:1, :1], quiet[:1, :1], *cal.heat_range())[0, 0] / 255
   np.testing.assert_allclose(a[5, 5, :3], expected, atol=1 / 255)
+
+
+def test_workdirs_saved_before_calibration_resume_and_may_calibrate_later(tmp_path):
+  config = importlib.import_module("configs.mvtec").get_config()
+  saved = json.loads(config.to_json())
+  del saved["data"]["calibration"]  # as written before the calibration split and the spike guard
+  for k in [k for k in saved["train"] if k.startswith("spike_")]:
+    del saved["train"][k]
+  (tmp_path / checkpoint.CONFIG_FILE).write_text(json.dumps(saved))
+  checkpoint.check_compatible(str(tmp_path), config)  # resumes
+  config.data.calibration.folder = "/data/normal_only"  # calibrating a trained run later is allowed
+  checkpoint.check_compatible(str(tmp_path), config)
+  config.data.calibration.fraction = 0.2  # a different training set is not
+  with pytest.raises(IncompatibleWorkdirError, match="config.data.calibration.fraction: saved 0.0, now 0.2"):
+    checkpoint.check_compatible(str(tmp_path), config)

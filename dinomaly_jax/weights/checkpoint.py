@@ -19,6 +19,7 @@ CHECKPOINT_DIR = "checkpoints"
 # Fields that may differ between the run that wrote a work directory and one that
 # continues it: they change neither the parameters' shapes nor the trajectory.
 _FREE_FIELDS = ("mode", "encoder_weights", "model.attention_impl", "data.root", "data.workers", "data.packed",
+                "data.calibration.folder",
                 "train.log_every", "train.eval_every", "train.checkpoint_every",
                 "train.keep_checkpoints", "train.stop_after", "train.spike_policy", "train.spike_factor",
                 "train.spike_window", "train.spike_lr_factor", "train.spike_max_rollbacks", "eval.",
@@ -51,6 +52,7 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
   with open(path) as f:
     saved = _flatten(json.load(f))
   saved.setdefault("model.family", "dinov2")  # runs saved before DINOv3 support were DINOv2
+  saved.setdefault("data.calibration.fraction", 0.0)  # runs saved before the calibration split
   now = _flatten(_as_plain(config))
   diffs = [f"  config.{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
            for k in sorted(set(saved) | set(now))
