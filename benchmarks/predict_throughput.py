@@ -20,6 +20,7 @@ from dinomaly_jax import sharding
 from dinomaly_jax.config import saved
 from dinomaly_jax.data import index
 from dinomaly_jax.data import synthetic
+from dinomaly_jax.evaluation import calibration
 from dinomaly_jax.evaluation import evaluate
 from dinomaly_jax.inference import predict
 from dinomaly_jax.training import model_state
@@ -50,7 +51,7 @@ def main():
   start = time.perf_counter()
   evaluate.predict_records(config, map_fn, variables, records, mesh)
   eval_rate = len(records) / (time.perf_counter() - start)
-  thresholds = {"brick": 0.5, evaluate.POOLED: 0.5}
+  thresholds = calibration.load(workdir)  # the class calibrations the run wrote
   paths = [r.image_path for r in records]
   _, predict_rate = predict.predict_paths(config, map_fn, variables, paths, thresholds,
                                           os.path.join(tmp, "predictions"), mesh)

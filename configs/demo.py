@@ -20,6 +20,7 @@ def get_config(arg=None):
   c.data.crop = a.crop
   c.data.resize = a.crop * 8 // 7  # the protocol's 448 -> 392 ratio (also DINOv3's 512 -> 448)
   c.data.workers = 0
+  c.data.calibration.fraction = 0.2  # 6 of each class's 30 normal images set the thresholds
   c.train.steps = a.steps
   c.train.batch_size = 8
   c.train.warmup_steps = min(100, a.steps // 10)

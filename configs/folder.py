@@ -6,11 +6,16 @@
 
   python -m dinomaly_jax.main --config=configs/folder.py --workdir=runs/mine \
       --config.data.root=/data/mine --config.encoder_weights=weights/dinov2_vitb14_reg4
+
+A fifth of each class's train/good is held out of training as the calibration split
+that sets the decision thresholds (config.data.calibration; `calibration=0` trains on
+all of them, or --config.data.calibration.folder=/data/normal_only for your own).
 """
 from dinomaly_jax.config import defaults
 
 
 def get_config(arg=None):
-  a, c = defaults.dataset_config(arg, "folder", steps=10_000)
+  a, c = defaults.dataset_config(arg, "folder", steps=10_000, calibration=0.2)
   c.train.steps = a.steps  # also per class with `sep`
+  c.data.calibration.fraction = a.calibration
   return c

@@ -17,6 +17,7 @@ from dinomaly_jax.data import index as data_index
 from dinomaly_jax.data import synthetic
 from dinomaly_jax.errors import ConfigError
 from dinomaly_jax.evaluation import evaluate
+from dinomaly_jax.evaluation import html_report
 from dinomaly_jax.evaluation import report
 from dinomaly_jax.inference import export
 from dinomaly_jax.inference import predict
@@ -73,14 +74,18 @@ def _use_demo_data(config, workdir) -> None:
 
 def _per_class(config, workdir, fn) -> dict:
   """Class-separated protocol: one model per class in <workdir>/<class>, one combined report."""
-  per_class = {}
+  per_class, inspection = {}, {}
   for name in data_index.list_classes(config.data):
     c = copy.deepcopy(config)
     c.data.classes = (name,)
     result = fn(c, os.path.join(workdir, name))
     if jax.process_index() == 0:
       per_class[name] = result["classes"][name]
+      inspection[name] = result["inspection"][name]
   if jax.process_index() != 0:
     return {}
-  return report.write_report(os.path.join(workdir, "eval"), per_class, dataset=config.data.layout,
-                             extra={"random_encoder": bool(config.random_encoder)})
+  out_dir = os.path.join(workdir, "eval")
+  result = report.write_report(out_dir, per_class, dataset=config.data.layout,
+                               extra={"random_encoder": bool(config.random_encoder)}, inspection=inspection)
+  html_report.write(out_dir, result, [])  # the tables; each class's pictures are in its own report
+  return result

@@ -113,7 +113,7 @@ def test_eval_scores_every_record_exactly_once(data_config, batch_size, process_
       assert b["mask"].shape == (batch_size, 16, 16) and b["mask"].dtype == np.uint8
       assert b["label"].dtype == np.int32 and b["index"].dtype == np.int32
       assert b["valid"].dtype == np.bool_
-      assert set(np.unique(b["mask"])) <= {0, 1}
+      assert set(np.unique(b["mask"])) <= {0, 1, 2}
       assert (b["index"][~b["valid"]] == -1).all()
       for k in range(batch_size):
         if not b["valid"][k]:

@@ -23,11 +23,11 @@ def _torch_reference_image(path):
   return x.sub(mean).div(std).permute(1, 2, 0).numpy()
 
 
-def _torch_reference_mask(path):
-  """Resize((448, 448)) on the PIL mask, CenterCrop(392), ToTensor, nearest to 256, > 0."""
+def _torch_reference_mask(path, level=0.0):
+  """Resize((448, 448)) on the PIL mask, CenterCrop(392), ToTensor, nearest to 256, > level."""
   resized = np.asarray(Image.open(path).resize((448, 448), Image.BILINEAR))[28:420, 28:420]
-  t = torch.from_numpy(resized.astype(np.float32))[None, None]
-  return (F.interpolate(t, size=256, mode="nearest")[0, 0] > 0).numpy().astype(np.uint8)
+  t = torch.from_numpy(resized.astype(np.float32) / 255)[None, None]
+  return (F.interpolate(t, size=256, mode="nearest")[0, 0] > level).numpy().astype(np.uint8)
 
 
 def test_image_matches_reference_chain_exactly(tmp_path, data_config):
@@ -48,8 +48,11 @@ def test_mask_matches_reference_chain_exactly(tmp_path, data_config):
   path = str(tmp_path / "m.png")
   Image.fromarray(mask).save(path)
   ours = transforms.preprocess_mask(path, (375, 500), data_config)
-  assert ours.shape == (256, 256) and ours.dtype == np.uint8 and set(np.unique(ours)) == {0, 1}
-  np.testing.assert_array_equal(ours, _torch_reference_mask(path))
+  assert ours.shape == (256, 256) and ours.dtype == np.uint8 and set(np.unique(ours)) == {0, 1, 2}
+  np.testing.assert_array_equal(ours > 0, _torch_reference_mask(path))  # the reference's > 0
+  # The >= 0.5 convention (uint8 >= 128 is ToTensor's value >= 0.5; 127.5 is not reachable).
+  np.testing.assert_array_equal(ours >= transforms.MASK_HALF, _torch_reference_mask(path, 127 / 255))
+  assert (ours >= 2).sum() < (ours > 0).sum()  # the bilinear edges differ
 
 
 @pytest.mark.parametrize("n_in,n_out", [(392, 256), (56, 32), (100, 37), (37, 100), (64, 64)])

@@ -15,9 +15,11 @@ from dinomaly_jax import sharding
 from dinomaly_jax.data import transforms
 from dinomaly_jax.errors import IncompatibleWorkdirError
 from dinomaly_jax.errors import NonFiniteLossError
+from dinomaly_jax.evaluation import calibration
 from dinomaly_jax.evaluation import evaluate
 from dinomaly_jax.training import model_state
 from dinomaly_jax.training import train_step
+from tests import browser
 from tests import main_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,6 +58,18 @@ def test_train_writes_report_thresholds_pictures_logs(trained):
   with open(os.path.join(workdir, evaluate.THRESHOLDS_FILE)) as f:
     thresholds = json.load(f)
   assert set(thresholds) == {"brick", "nut", evaluate.POOLED}
+  # The demo config holds 20% of train/good out: 2 of the 8 images per class calibrate.
+  cals = calibration.load(workdir)
+  assert set(cals) == {"brick", "nut", evaluate.POOLED}
+  assert all(c.source == calibration.FROM_CALIBRATION and c.num_images == 2 for n, c in cals.items()
+             if n != evaluate.POOLED) and cals[evaluate.POOLED].num_images == 4
+  inspection = report["inspection"]["nut"]
+  assert inspection["threshold"] == pytest.approx(cals["nut"].threshold)
+  assert inspection["normal_test_images"] == 3 and inspection["anomalous_test_images"] == 3
+  assert sum(d["images"] for d in inspection["defects"].values()) == 3
+  assert set(inspection["pixel"]) == {"> 0", ">= 0.5"}
+  assert inspection["pixel"]["> 0"]["P-AUROC"] == pytest.approx(report["classes"]["nut"]["P-AUROC"])
+  assert os.path.getsize(os.path.join(workdir, "eval", "report.html")) > 0
   pictures = os.listdir(os.path.join(workdir, "eval", "pictures", "brick"))
   assert len([p for p in pictures if p.endswith(".png")]) >= 3  # 2 strips + score plots
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -88,15 +102,18 @@ def test_predict_writes_scores_decisions_heatmaps(trained, data_root, tmp_path):
   c.predict.output = str(tmp_path)
   c.predict.save_maps = True
   rows = run.run(c, workdir)
-  thresholds = json.load(open(os.path.join(workdir, evaluate.THRESHOLDS_FILE)))
+  cal = calibration.load(workdir)["nut"]
   assert len(rows) == 6
   assert len({r["heatmap"] for r in rows}) == 6  # good/000.png and hole/000.png do not collide
   with open(tmp_path / "predictions.csv") as f:
     written = list(csv.DictReader(f))
   assert [r["image"] for r in written] == [r["image"] for r in rows]
   for r in written:
-    assert r["class"] == "nut" and float(r["threshold"]) == pytest.approx(thresholds["nut"])
+    assert r["class"] == "nut" and float(r["threshold"]) == pytest.approx(cal.threshold)
+    assert r["threshold_from"] == calibration.FROM_CALIBRATION
     assert r["decision"] == ("anomalous" if float(r["score"]) >= float(r["threshold"]) else "normal")
+    assert float(r["normalised_score"]) == pytest.approx(
+        (float(r["score"]) - cal.center) / (cal.threshold - cal.center), rel=1e-4)
     assert os.path.getsize(r["heatmap"]) > 0
     full = np.load(r["heatmap"].replace("_heatmap.png", "_map.npy"))
     assert full.shape == transforms.load_image(r["image"]).shape[:2]  # original resolution
@@ -116,8 +133,9 @@ def test_export_reloads_and_gives_the_same_maps(trained, data_root):
   c = config.copy_and_resolve_references()
   c.mode = "export"
   out = run.run(c, workdir)
-  paths = sorted(os.path.join(data_root, "brick", "test", "hole", p)
-                 for p in os.listdir(os.path.join(data_root, "brick", "test", "hole")))[:3]
+  test_dir = os.path.join(data_root, "brick", "test")
+  paths = sorted(os.path.join(test_dir, d, p) for d in os.listdir(test_dir)
+                 for p in os.listdir(os.path.join(test_dir, d)))[:3]
   images = np.stack([transforms.preprocess_image(transforms.load_image(p), config.data) for p in paths])
   np.save(os.path.join(out, "probe.npy"), images)
   # The loader runs in a fresh interpreter that never imports the training code.
@@ -126,8 +144,8 @@ def test_export_reloads_and_gives_the_same_maps(trained, data_root):
       f"spec = importlib.util.spec_from_file_location('m', {os.path.join(REPO, 'dinomaly_jax', 'inference', 'exported_model.py')!r})\n"
       "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
       f"fn, info = m.load({out!r})\n"
-      f"maps, scores = fn(np.load({os.path.join(out, 'probe.npy')!r}))\n"
-      f"np.savez({os.path.join(out, 'probe_out.npz')!r}, maps=np.asarray(maps), scores=np.asarray(scores))\n"
+      f"out = fn(np.load({os.path.join(out, 'probe.npy')!r}), ['brick', 'nut', None])\n"
+      f"np.savez({os.path.join(out, 'probe_out.npz')!r}, **out)\n"
       "assert not any(k.startswith('dinomaly_jax') for k in sys.modules), sorted(sys.modules)\n")
   subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
   exported = np.load(os.path.join(out, "probe_out.npz"))
@@ -136,6 +154,14 @@ def test_export_reloads_and_gives_the_same_maps(trained, data_root):
   # The export uses the plain XLA attention; the run's own path may be blocked attention.
   np.testing.assert_allclose(exported["maps"], np.asarray(maps), atol=1e-5)
   np.testing.assert_allclose(exported["scores"], np.asarray(scores), atol=1e-5)
+  # Normalised with each image's class (the third: pooled) and decided at its threshold.
+  cals = calibration.load(workdir)
+  for i, name in enumerate(["brick", "nut", evaluate.POOLED]):
+    c = cals[name]
+    np.testing.assert_allclose(exported["normalised_scores"][i], c.normalise(exported["scores"][i]), rtol=1e-5)
+    np.testing.assert_allclose(exported["normalised_maps"][i], c.normalise(exported["maps"][i]),
+                               rtol=1e-4, atol=1e-4)
+    assert exported["anomalous"][i] == (exported["scores"][i] >= c.threshold)
 
 
 def test_resume_follows_the_uninterrupted_trajectory(data_root, tmp_path):
@@ -177,7 +203,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_
     return wrapped
 
   monkeypatch.setattr(train_step, "make_train_step", poisoned)
-  config = main_helpers.tiny_config(data_root, steps=6, eval_every=0)
+  config = main_helpers.tiny_config(data_root, steps=6, eval_every=0, spike_policy="stop")
   with pytest.raises(NonFiniteLossError, match="nan at step 5.*last good checkpoint is step 3"):
     run.run(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
@@ -195,6 +221,11 @@ def test_demo_command_line(tmp_path):
   assert report["extra"]["random_encoder"] is True
   assert "RANDOM encoder" in open(tmp_path / "eval" / "report.md").read()
   assert os.path.exists(tmp_path / "eval" / "pictures" / "pill" / "scores.png")
+  # Calibrated on held-out normal images: the thresholds, the normalisation and the HTML report.
+  assert "pill: threshold" in proc.stdout and "(calibration images)" in proc.stdout
+  assert report["extra"]["calibration"] == "0.2 of train/good held out"
+  assert calibration.load(str(tmp_path))["pill"].num_images == 6
+  assert os.path.getsize(tmp_path / "eval" / "report.html") > 0
 
 
 def test_dinov3_demo_command_line(data_root, tmp_path):
@@ -234,3 +265,15 @@ def test_cached_features_train_like_images(trained, data_root, tmp_path):
   # Same batches and dropout keys; float noise in near-zero gradients is amplified by
   # Adam's per-element normalisation (about lr * 5e-3 per step, see test_train_step).
   assert diff <= 1e-4, diff
+
+
+def test_html_report_loads_in_a_real_browser(trained, tmp_path):
+  """Headless Chromium: no console errors, every embedded image decodes, a screenshot."""
+  _, workdir, _ = trained
+  shot = str(tmp_path / "report.png")
+  page = browser.check_page(os.path.join(workdir, "eval", "report.html"), shot)
+  assert page["errors"] == []
+  # colour bar + per class: score figure and strips (2 worst normal, missed, 2 best detections)
+  assert len(page["images"]) >= 1 + 2 * 3, page["images"]
+  assert all(width > 0 for _, width in page["images"]), page["images"]
+  assert os.path.getsize(shot) > 0 and page["height"] > 1000

@@ -76,4 +76,4 @@ def test_pictures_are_written(tmp_path):
   assert mpl_image.imread(heatmap).shape[:2] == (32, 40)
   # Overlay: half image, half jet colour of the map on the 0..2*threshold scale.
   painted = pictures.overlay(np.zeros((1, 1, 3), np.uint8), np.array([[1.0]]), 0.0, 2.0)
-  np.testing.assert_array_equal(painted[0, 0], np.round(127.5 * np.array(pictures._CMAP(0.5)[:3])))
+  np.testing.assert_array_equal(painted[0, 0], np.round(127.5 * np.array(pictures.CMAP(0.5)[:3])))

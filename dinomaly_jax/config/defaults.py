@@ -67,6 +67,11 @@ def base_config() -> ml_collections.ConfigDict:
   d.packed = ""  # a TFDS array_record directory from `python -m dinomaly_jax.data.pack`
   d.cache_features = False  # deviation switch: train on cached encoder features
   d.cache_dtype = "bfloat16"  # cached features: bfloat16 (half memory) | float32 (exact)
+  # Calibration split: normal images (never trained on) that set the decision thresholds
+  # and the score normalisation. Off (the protocol trains on all of train/good).
+  d.calibration = cal = ml_collections.ConfigDict()
+  cal.fraction = 0.0  # >0: hold this fraction of each class's train/good out of training
+  cal.folder = ""  # or: normal images of your own, <folder>/<class>/*.png
 
   # --- Training ----------------------------------------------------------------
   c.train = t = ml_collections.ConfigDict()
@@ -89,6 +94,14 @@ def base_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 1000
   t.keep_checkpoints = 3
   t.stop_after = 0  # >0: checkpoint and stop after this many steps (resume later in the same workdir)
+  # Loss spikes (a non-finite loss, or one over spike_factor x the running median):
+  # "rollback" restores the last good checkpoint, skips the offending batch and lowers
+  # the learning rate by spike_lr_factor, at most spike_max_rollbacks times; "stop" stops.
+  t.spike_policy = "rollback"  # rollback | stop
+  t.spike_factor = 10.0  # 0 = only non-finite losses are spikes
+  t.spike_window = 50  # steps in the running median
+  t.spike_lr_factor = 0.5
+  t.spike_max_rollbacks = 3
 
   # --- Evaluation ----------------------------------------------------------------
   c.eval = e = ml_collections.ConfigDict()
@@ -100,7 +113,8 @@ def base_config() -> ml_collections.ConfigDict:
   e.aupro = "reference"  # reference | mvtec
   e.aupro_max_fpr = 0.3
   e.aupro_thresholds = 200
-  e.pictures_per_class = 4
+  e.pictures_per_class = 4  # also the images per strip of report.html
+  e.target_fpr = 0.01  # calibrated thresholds: this fraction of normal calibration images above
 
   # --- Prediction ------------------------------------------------------------------
   c.predict = p = ml_collections.ConfigDict()

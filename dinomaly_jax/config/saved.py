@@ -17,8 +17,11 @@ CONFIG_FILE = "config.json"
 # Fields that may differ between the run that wrote a work directory and one that
 # continues it: they change neither the parameters' shapes nor the trajectory.
 _FREE_FIELDS = ("mode", "encoder_weights", "model.attention_impl", "data.root", "data.workers", "data.packed",
+                "data.calibration.folder",
                 "train.log_every", "train.eval_every", "train.checkpoint_every",
-                "train.keep_checkpoints", "train.stop_after", "eval.", "predict.", "export.")
+                "train.keep_checkpoints", "train.stop_after", "train.spike_policy", "train.spike_factor",
+                "train.spike_window", "train.spike_lr_factor", "train.spike_max_rollbacks", "eval.",
+                "predict.", "export.")
 
 
 def is_free_field(field: str) -> bool:

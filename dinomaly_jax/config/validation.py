@@ -70,6 +70,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(d.resize >= d.crop, "data.resize", f">= data.crop ({d.crop})", d.resize)
   _positive_int(c, "data.mask_size")
   _check(_is_int(d.workers) and d.workers >= 0, "data.workers", "an integer >= 0", d.workers)
+  _in_range(c, "data.calibration.fraction", 0.0, 0.9)
+  _check(isinstance(d.calibration.folder, str), "data.calibration.folder", "a folder path", d.calibration.folder)
+  _check(not (d.calibration.folder and d.calibration.fraction), "data.calibration.folder",
+         "empty when data.calibration.fraction > 0 (one calibration source)", d.calibration.folder)
+  _check(not (d.calibration.folder and d.packed), "data.calibration.folder",
+         "empty with data.packed (use data.calibration.fraction)", d.calibration.folder)
 
   t = c.train
   for f in ("steps", "batch_size", "loss_p_steps", "log_every", "keep_checkpoints"):
@@ -87,6 +93,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _in_range(c, "train.clip_norm", 0.0, 1e9)
   _in_range(c, "train.loss_p_final", 0.0, 1.0, hi_open=True)
   _in_range(c, "train.easy_grad_factor", 0.0, 1.0)
+  _one_of(c, "train.spike_policy", ("rollback", "stop"))
+  _check(t.spike_factor == 0 or (isinstance(t.spike_factor, (int, float)) and t.spike_factor > 1),
+         "train.spike_factor", "0 (off) or a number > 1", t.spike_factor)
+  _positive_int(c, "train.spike_window")
+  _in_range(c, "train.spike_lr_factor", 1e-6, 1.0, hi_open=True)
+  _check(_is_int(t.spike_max_rollbacks) and t.spike_max_rollbacks >= 0, "train.spike_max_rollbacks",
+         "an integer >= 0", t.spike_max_rollbacks)
 
   e = c.eval
   for f in ("batch_size", "map_size", "aupro_thresholds"):
@@ -99,3 +112,4 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _in_range(c, "eval.aupro_max_fpr", 1e-9, 1.0)
   _check(_is_int(e.pictures_per_class) and e.pictures_per_class >= 0, "eval.pictures_per_class",
          "an integer >= 0", e.pictures_per_class)
+  _in_range(c, "eval.target_fpr", 1e-6, 0.5)

@@ -2,6 +2,7 @@
 import os
 import sys
 
+from dinomaly_jax.data import calibration
 from dinomaly_jax.data import folder
 from dinomaly_jax.data import mvtec
 from dinomaly_jax.data import packed
@@ -13,7 +14,7 @@ from dinomaly_jax.errors import DataError
 
 LAYOUTS = {"mvtec": mvtec, "mpdd": mvtec, "btad": mvtec, "visa": visa, "realiad": realiad,
            "folder": folder}
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "calibration")
 MAX_LISTED = 10  # ignored paths named in the warning
 
 
@@ -43,17 +44,30 @@ def list_classes(data_config) -> list[str]:
 
 
 def build_records(data_config, split: str) -> list[Record]:
-  """Records of `split` ("train" | "test") for the selected classes, every file checked."""
+  """Records of `split` for the selected classes, every file checked.
+
+  "train" excludes the calibration images; "calibration" is empty when
+  config.data.calibration is off (see data/calibration.py).
+  """
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
   classes = list_classes(data_config)
+  if split == "calibration" and data_config.calibration.folder:
+    records = calibration.folder_records(data_config.calibration.folder, classes)
+    validate.check_records(records)
+    return records
+  source = "test" if split == "test" else "train"
   if data_config.packed:
-    return packed.read_records(data_config.packed, split, classes, data_config)
-  layout = _layout(data_config)
-  _warn_ignored(data_config, classes)
-  records = [r for c in classes for r in layout.class_records(data_config.root, c, split)]
-  validate.check_records(records)
-  return records
+    records = packed.read_records(data_config.packed, source, classes, data_config)
+  else:
+    layout = _layout(data_config)
+    _warn_ignored(data_config, classes)
+    records = [r for c in classes for r in layout.class_records(data_config.root, c, source)]
+    validate.check_records(records)
+  if split == "test":
+    return records
+  train, held_out = calibration.split_train(records, data_config.calibration.fraction)
+  return train if split == "train" else held_out
 
 
 _WARNED = set()  # roots whose ignored files were reported (once per process)

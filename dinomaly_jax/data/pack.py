@@ -33,6 +33,7 @@ def main(argv) -> None:
   if _ROOT.value:
     config.data.root = _ROOT.value
   config.data.packed = ""
+  config.data.calibration.fraction = 0.0  # the pack holds all of train/good; the split is made when reading
   try:
     records = {s: index.build_records(config.data, s) for s in packed.SPLITS}
     packed.write(records, _OUT.value, config.data.resize, _WORKERS.value,

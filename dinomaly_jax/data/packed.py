@@ -2,8 +2,9 @@
 
 Thousands of small image files on cloud storage starve a pod; a few large array_record
 shards do not. Images are stored resized to data.resize (PNG, lossless) and masks resized
-the same way and binarised ({0, 1} PNG), so the pipeline only crops and normalises: its
-output equals reading the folders. No TensorFlow is needed to write or read.
+the same way as mask levels (transforms.resize_mask: 0, 1 = > 0, 2 = >= 0.5), so the
+pipeline only crops and normalises: its output equals reading the folders (packs written
+before the levels hold {0, 1}: their ">= 0.5" pixel metrics are undefined; pack again). No TensorFlow is needed to write or read.
 
 Written by `python -m dinomaly_jax.data.pack` (pack.py); read through
 `make_reader` of pipeline.py when data.packed is set. The record list (paths,

@@ -158,8 +158,8 @@ def eval_iterator(records: list[Record], data_config, *, batch_size: int,
                   process_index: int = 0, process_count: int = 1):
   """Finite iterator of this process's eval batches (see the module docstring).
 
-  Yields {"image": float32 (B, crop, crop, 3), "mask": uint8 (B, mask_size, mask_size) in
-  {0, 1}, "label": int32 (B,), "index": int32 (B,) position in `records` (-1 for padding),
+  Yields {"image": float32 (B, crop, crop, 3), "mask": uint8 (B, mask_size, mask_size) levels
+  (transforms.MASK_HALF), "label": int32 (B,), "index": int32 (B,) position in `records` (-1 for padding),
   "valid": bool (B,)}.
   """
   n_batches = num_eval_batches(len(records), batch_size, process_count)

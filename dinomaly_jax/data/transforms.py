@@ -3,7 +3,8 @@
 Reference (Dinomaly `dataset.get_data_transforms`): images go through torchvision
 `Resize((448, 448))` on a PIL image, `ToTensor`, `CenterCrop(392)` and ImageNet
 `Normalize`; masks through `Resize((448, 448))`, `CenterCrop(392)`, `ToTensor`, then the
-eval loop resizes them with torch `interpolate(mode="nearest")` to 256 and takes > 0.
+eval loop resizes them with torch `interpolate(mode="nearest")` to 256 and takes > 0
+(our masks also keep which pixels are >= 0.5, the other common convention).
 
 torchvision's `Resize` on a PIL image calls `PIL.Image.resize(size, BILINEAR)` (PIL's
 bilinear filter is antialiased: its support widens when it downscales). torchvision is
@@ -99,8 +100,24 @@ def preprocess_image(rgb: np.ndarray, data_config) -> np.ndarray:
   return normalize_crop(resize_image(rgb, s.resize), s.crop)
 
 
+# Ground-truth masks carry both conventions in one uint8 array: 0 = background,
+# MASK_POSITIVE = > 0 after the bilinear resize only (the reference's convention, as
+# published), MASK_HALF = also >= half the mask's full value (the ">= 0.5" convention).
+MASK_POSITIVE = 1
+MASK_HALF = 2
+
+
+def _at_least_half(resized: np.ndarray, mode: str) -> np.ndarray:
+  if resized.dtype == bool or mode == "P":  # "1" and palette masks: no grey levels
+    return resized > 0
+  return resized >= (32768 if mode in _SIXTEEN_BIT_MODES else 128)
+
+
 def resize_mask(path: str, image_size: tuple[int, int], resize: int) -> np.ndarray:
-  """Mask file -> uint8 (resize, resize) in {0, 1}: resized in its own mode, then > 0.
+  """Mask file -> uint8 (resize, resize) levels in {0, MASK_POSITIVE, MASK_HALF}.
+
+  Resized in its own mode; `> 0` is the reference's ground truth, `>= MASK_HALF` the
+  ">= 0.5" one.
 
   Args:
     path: the mask file (any mode; multi-channel masks count a pixel if any channel > 0).
@@ -116,14 +133,15 @@ def resize_mask(path: str, image_size: tuple[int, int], resize: int) -> np.ndarr
       resized = np.asarray(img.resize((resize, resize), Image.BILINEAR))
     except (OSError, ValueError, SyntaxError) as e:
       raise DataError(f"{path}: mask is truncated or corrupt ({e}).") from None
-  positive = resized > 0
+    mode = img.mode
+  positive, half = resized > 0, _at_least_half(resized, mode)
   if positive.ndim == 3:
-    positive = positive.any(axis=-1)
-  return positive.astype(np.uint8)
+    positive, half = positive.any(axis=-1), half.any(axis=-1)
+  return positive.astype(np.uint8) + half.astype(np.uint8)
 
 
 def load_resized(image_path: str, mask_path: str | None, resize: int):
-  """An image and its mask (None = all zero) resized: uint8 (R, R, 3) and (R, R) in {0, 1}."""
+  """An image and its mask (None = all zero) resized: uint8 (R, R, 3) and (R, R) mask levels."""
   rgb = load_image(image_path)
   if mask_path is None:
     mask = np.zeros((resize, resize), np.uint8)
@@ -142,13 +160,13 @@ def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
 
 
 def finish_mask(mask: np.ndarray, crop: int, mask_size: int) -> np.ndarray:
-  """uint8 (R, R) in {0, 1} -> (mask_size, mask_size) uint8: centre crop, nearest resize."""
+  """uint8 (R, R) mask levels -> (mask_size, mask_size) uint8: centre crop, nearest resize."""
   idx = nearest_indices(crop, mask_size)
   return center_crop(mask, crop)[idx][:, idx]
 
 
 def preprocess_mask(path: str | None, image_size: tuple[int, int], data_config) -> np.ndarray:
-  """Mask file (or None = normal image) -> ground truth uint8 (mask_size, mask_size) in {0, 1}."""
+  """Mask file (or None = normal image) -> uint8 (mask_size, mask_size) levels (see MASK_HALF)."""
   s = Sizes.of(data_config)
   if path is None:
     return np.zeros((s.mask_size, s.mask_size), np.uint8)

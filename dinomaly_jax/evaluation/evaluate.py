@@ -1,4 +1,5 @@
-"""The eval loop: anomaly maps for every test image, metrics per class, report, pictures."""
+"""The eval loop: anomaly maps for every test (and calibration) image, metrics per class,
+calibrated thresholds, reports (md, json, csv, html), pictures."""
 import json
 import os
 
@@ -9,15 +10,20 @@ import numpy as np
 from tqdm import tqdm
 
 from dinomaly_jax import sharding
+from dinomaly_jax.data import calibration as data_calibration
+from dinomaly_jax.data import index as data_index
 from dinomaly_jax.data import pipeline
 from dinomaly_jax.data import transforms
 from dinomaly_jax.evaluation import anomaly_map
+from dinomaly_jax.evaluation import calibration
+from dinomaly_jax.evaluation import html_report
+from dinomaly_jax.evaluation import inspection as inspection_lib
 from dinomaly_jax.evaluation import metrics
 from dinomaly_jax.evaluation import pictures
 from dinomaly_jax.evaluation import report
 
 THRESHOLDS_FILE = "thresholds.json"
-POOLED = "__all__"  # the threshold over all classes' test images, for images of unknown class
+POOLED = calibration.POOLED  # the threshold over all classes' test images, for images of unknown class
 
 
 def make_map_fn(model, config: ml_collections.ConfigDict):
@@ -63,55 +69,90 @@ def predict_records(config, map_fn, variables, records, mesh, desc="eval"):
   return maps, scores, masks
 
 
+def _by_class(records) -> dict[str, list]:
+  by_class = {}
+  for r in records:
+    by_class.setdefault(r.class_name, []).append(r)
+  return by_class
+
+
 def evaluate(config, workdir, model, variables, records, *, step, mesh) -> dict:
-  """Scores every test record, writes the report, thresholds and pictures (process 0).
+  """Scores every test record, writes the reports, thresholds, calibration and pictures (process 0).
 
   `variables`: the Dinomaly module's variables ({"params": {encoder, bottleneck, decoder}}).
+  The calibration images (config.data.calibration) are scored too: they set the decision
+  thresholds and the normalisation (calibration.py); without them the test labels do.
   """
   map_fn = make_map_fn(model, config)
-  by_class = {}
-  for r_i, r in enumerate(records):
-    by_class.setdefault(r.class_name, []).append(r_i)
-  per_class, thresholds = {}, {}
-  all_scores, all_labels = [], []
+  e = config.eval
+  calibration_records = _by_class(data_index.build_records(config.data, "calibration"))
+  per_class, thresholds, calibrations, inspection, views = {}, {}, {}, {}, []
+  pooled = {"scores": [], "labels": [], "calibration": [], "maps": []}
   out_dir = os.path.join(workdir, "eval")
-  for name, ids in sorted(by_class.items()):
-    class_records = [records[i] for i in ids]
+  for name, class_records in sorted(_by_class(records).items()):
     maps, scores, masks = predict_records(config, map_fn, variables, class_records, mesh, desc=f"eval {name}")
+    if name in calibration_records:
+      cal_maps, cal_scores, _ = predict_records(config, map_fn, variables, calibration_records[name],
+                                                mesh, desc=f"calibrate {name}")
     if jax.process_index() != 0:
       continue
     labels = np.array([r.label for r in class_records], np.int32)
-    per_class[name], best = metrics.class_metrics(
-        scores, labels, maps, masks, aupro=config.eval.aupro, with_thresholds=True,
-        aupro_max_fpr=config.eval.aupro_max_fpr, aupro_thresholds=config.eval.aupro_thresholds)
+    pixel_args = dict(aupro=e.aupro, aupro_max_fpr=e.aupro_max_fpr, aupro_thresholds=e.aupro_thresholds)
+    per_class[name], best = metrics.class_metrics(scores, labels, maps, masks, with_thresholds=True,
+                                                  **pixel_args)
+    half = metrics.class_metrics(scores, labels, maps, masks >= transforms.MASK_HALF, **pixel_args)
     thresholds[name] = float(best["image"])
-    all_scores.append(scores)
-    all_labels.append(labels)
-    # Regions shown: the pixel F1-optimal threshold where masks exist, else the image one.
-    shown = best["pixel"] if np.isfinite(best["pixel"]) else best["image"]
-    _save_pictures(config, out_dir, name, class_records, maps, masks, scores, labels, shown)
+    if name in calibration_records:
+      cal = calibration.calibrate(cal_scores, cal_maps, e.target_fpr)
+      pooled["calibration"].append(cal_scores)
+      pooled["maps"].append(cal_maps[:, ::8, ::8])
+    else:
+      cal = calibration.from_test_labels(scores, labels, maps, best["image"])
+      pooled["maps"].append(maps[labels == 0, ::8, ::8])
+    calibrations[name] = cal
+    pooled["scores"].append(scores)
+    pooled["labels"].append(labels)
+    inspection[name] = inspection_lib.class_results(
+        scores, labels, [r.defect_type for r in class_records], cal, best["image"], per_class[name], half)
+    names = [os.path.relpath(r.image_path, config.data.root or "/") for r in class_records]
+    display = lambda i, rs=class_records: transforms.display_image(rs[i].image_path, config.data, e.map_size)
+    _save_pictures(config, out_dir, name, names, display, maps, masks, scores, labels, cal, best["image"])
+    views.append(html_report.class_view(name, names, scores, labels, maps, masks, cal, best["image"],
+                                        e.pictures_per_class, display))
   if jax.process_index() != 0:
     return {}
-  thresholds[POOLED] = float(metrics.image_f1_threshold(np.concatenate(all_scores), np.concatenate(all_labels)))
+  all_scores, all_labels = np.concatenate(pooled["scores"]), np.concatenate(pooled["labels"])
+  thresholds[POOLED] = float(metrics.image_f1_threshold(all_scores, all_labels))
+  pooled_maps = np.concatenate(pooled["maps"])
+  calibrations[POOLED] = (
+      calibration.calibrate(np.concatenate(pooled["calibration"]), pooled_maps, e.target_fpr)
+      if len(pooled["calibration"]) == len(per_class) else
+      calibration.from_test_labels(all_scores, all_labels, pooled_maps, thresholds[POOLED]))
   with open(os.path.join(workdir, THRESHOLDS_FILE), "w") as f:
     json.dump(thresholds, f, indent=2)
-  extra = {"random_encoder": bool(config.random_encoder)}
-  result = report.write_report(out_dir, per_class, dataset=config.data.layout, extra=extra, step=step)
-  print(f"Report: {os.path.join(out_dir, 'report.md')} (.json, .csv); pictures: "
-        f"{os.path.join(out_dir, 'pictures')}; thresholds: {os.path.join(workdir, THRESHOLDS_FILE)}")
+  calibration_file = calibration.save(workdir, calibrations)
+  extra = {"random_encoder": bool(config.random_encoder), "target_fpr": e.target_fpr,
+           "calibration": data_calibration.describe(config.data)}
+  result = report.write_report(out_dir, per_class, dataset=config.data.layout, extra=extra, step=step,
+                               inspection=inspection)
+  html_file = html_report.write(out_dir, result, views)
+  print(f"Report: {html_file} (.md, .json, .csv); pictures: {os.path.join(out_dir, 'pictures')}; "
+        f"thresholds and normalisation: {calibration_file} (F1-optimal on the test labels, for "
+        f"comparison: {os.path.join(workdir, THRESHOLDS_FILE)})")
   return result
 
 
-def _save_pictures(config, out_dir, name, records, maps, masks, scores, labels, threshold) -> None:
+def _save_pictures(config, out_dir, name, names, display, maps, masks, scores, labels, cal,
+                   f1_threshold) -> None:
   k = config.eval.pictures_per_class
   if not k:
     return
   order = np.argsort(-labels, kind="stable")  # anomalous first, then normal ones
   chosen = list(order[:max(k - 1, 1)]) + list(np.nonzero(labels == 0)[0][:1])
   chosen = list(dict.fromkeys(int(i) for i in chosen))[:k]
-  images = np.stack([transforms.display_image(records[i].image_path, config.data, config.eval.map_size)
-                     for i in chosen])
-  names = [os.path.relpath(records[i].image_path, config.data.root or "/") for i in chosen]
+  images = np.stack([display(i) for i in chosen])
   pic_dir = os.path.join(out_dir, "pictures")
-  pictures.save_strips(pic_dir, name, images, masks[chosen], maps[chosen], threshold, names)
-  pictures.save_score_plots(pic_dir, name, scores, labels)
+  pictures.save_strips(pic_dir, name, images, masks[chosen], maps[chosen], cal.threshold,
+                       [names[i] for i in chosen], scale=cal.heat_range())
+  pictures.save_score_plots(pic_dir, name, scores, labels, {"calibrated threshold": cal.threshold,
+                                                            "F1-optimal (test labels)": f1_threshold})

@@ -78,6 +78,11 @@ def _image_ranking(scores, labels) -> dict[str, float]:
   return ranking_metrics(keys, np.count_nonzero(labels))
 
 
+def image_auroc(scores, labels) -> float:
+  """Image AUROC (NaN if one class only)."""
+  return _image_ranking(scores, labels)["auroc"]
+
+
 def image_f1_threshold(scores, labels) -> float:
   """The image score threshold reaching F1-max (saved for prediction); NaN if one class only."""
   return _image_ranking(scores, labels)["f1_threshold"]

@@ -1,10 +1,11 @@
 """Pictures of an evaluation: strips per test image, score plots per class, prediction heatmaps.
 
 Matplotlib without pyplot (Figure + Agg canvas): no global state, no display needed.
-Heatmaps share one colour scale: 0 .. 2 x threshold (the class's F1-optimal image
-threshold, on the map's scale since the image score is a mean of map pixels), so the
-threshold sits mid-colormap, normal regions stay blue and anomalies turn red. The
-thresholded mask is map >= threshold. Without a finite threshold: min..max of the maps.
+Heatmaps of a class share one fixed colour scale, `scale` = (vmin, vmax) from the class's
+calibration (calibration.ClassCalibration.heat_range: the median normal pixel is blue,
+the threshold mid-colormap), never a per-image min-max, so a normal image looks normal
+and two images of a class compare by eye. The thresholded mask is map >= threshold.
+Without a scale: 0 .. 2 x threshold, or min..max of the maps without a finite threshold.
 """
 import os
 import re
@@ -17,10 +18,12 @@ from PIL import Image
 from scipy import ndimage
 from sklearn import metrics as skm
 
-_CMAP = colormaps["jet"]
+CMAP = colormaps["jet"]
 
 
-def _color_range(maps: np.ndarray, threshold: float) -> tuple[float, float]:
+def _color_range(maps: np.ndarray, threshold: float, scale=None) -> tuple[float, float]:
+  if scale is not None:
+    return float(scale[0]), float(scale[1])
   if np.isfinite(threshold) and threshold > 0:
     return 0.0, 2.0 * float(threshold)
   lo, hi = float(np.min(maps)), float(np.max(maps))
@@ -29,7 +32,7 @@ def _color_range(maps: np.ndarray, threshold: float) -> tuple[float, float]:
 
 def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
   """(H, W, 3) uint8 image, (H, W) map -> (H, W, 3) uint8: half image, half jet heatmap."""
-  heat = _CMAP(np.clip((amap - vmin) / (vmax - vmin), 0, 1))[..., :3]
+  heat = CMAP(np.clip((amap - vmin) / (vmax - vmin), 0, 1))[..., :3]
   return np.round(0.5 * image.astype(np.float64) + 127.5 * heat).astype(np.uint8)
 
 
@@ -44,13 +47,16 @@ def _save(fig: Figure, path: str) -> None:
 
 
 def save_strips(out_dir: str, class_name: str, images_uint8, masks, maps, threshold: float,
-                names) -> list[str]:
-  """One PNG per image: image | ground truth | heatmap overlay | thresholded map. Returns paths."""
+                names, scale=None) -> list[str]:
+  """One PNG per image: image | ground truth | heatmap overlay | thresholded map. Returns paths.
+
+  scale: (vmin, vmax) of the heatmap colours (see the module docstring).
+  """
   images_uint8, masks, maps = np.asarray(images_uint8), np.asarray(masks), np.asarray(maps)
   if not len(images_uint8) == len(masks) == len(maps) == len(names):
     raise ValueError(f"save_strips: {len(images_uint8)} images, {len(masks)} masks, {len(maps)} maps "
                      f"and {len(names)} names; expected one of each per picture.")
-  vmin, vmax = _color_range(maps, threshold)
+  vmin, vmax = _color_range(maps, threshold, scale)
   paths = []
   for i, (image, mask, amap, name) in enumerate(zip(images_uint8, masks, maps, names)):
     if image.shape[:2] != amap.shape:
@@ -74,16 +80,23 @@ def save_strips(out_dir: str, class_name: str, images_uint8, masks, maps, thresh
   return paths
 
 
-def save_score_plots(out_dir: str, class_name: str, scores, labels) -> str:
-  """One PNG per class: histogram of normal vs anomalous image scores, ROC and PR curves."""
+def score_figure(class_name: str, scores, labels, thresholds=None) -> Figure:
+  """Histogram of normal vs anomalous image scores (thresholds drawn), ROC and PR curves.
+
+  thresholds: {label: score} drawn as vertical lines on the histogram.
+  """
   scores, labels = np.asarray(scores, np.float64), np.asarray(labels) > 0
   fig = Figure(figsize=(13, 3.8))
   ax = fig.add_subplot(1, 3, 1)
   bins = np.histogram_bin_edges(scores, bins=30)
   ax.hist(scores[~labels], bins=bins, alpha=0.6, label=f"normal ({(~labels).sum()})", color="tab:blue")
   ax.hist(scores[labels], bins=bins, alpha=0.6, label=f"anomalous ({labels.sum()})", color="tab:red")
+  for (label, value), style in zip((thresholds or {}).items(), ("-", "--", ":")):
+    if np.isfinite(value):
+      ax.axvline(value, color="black", linestyle=style, linewidth=1.2, label=label)
   ax.set_xlabel("image score")
-  ax.legend(fontsize=8)
+  ax.set_ylim(0, ax.get_ylim()[1] * 1.5)  # room for the legend above the bars
+  ax.legend(fontsize=7, loc="upper right")
   ax.set_title("score histogram", fontsize=9)
   if labels.any() and not labels.all():
     fpr, tpr, _ = skm.roc_curve(labels, scores)
@@ -102,19 +115,27 @@ def save_score_plots(out_dir: str, class_name: str, scores, labels) -> str:
       ax.set_title(title, fontsize=9)
   fig.suptitle(class_name, fontsize=10)
   fig.tight_layout()
+  return fig
+
+
+def save_score_plots(out_dir: str, class_name: str, scores, labels, thresholds=None) -> str:
+  """One PNG per class: the score_figure."""
   path = os.path.join(out_dir, class_name, "scores.png")
-  _save(fig, path)
+  _save(score_figure(class_name, scores, labels, thresholds), path)
   return path
 
 
-def save_heatmap(path: str, original_uint8, full_map, threshold: float) -> None:
-  """One PNG at the original resolution: image | overlay with the map >= threshold outlined."""
+def save_heatmap(path: str, original_uint8, full_map, threshold: float, scale=None) -> None:
+  """One PNG at the original resolution: image | overlay with the map >= threshold outlined.
+
+  scale: (vmin, vmax) of the heatmap colours (see the module docstring).
+  """
   image, amap = np.asarray(original_uint8), np.asarray(full_map, np.float32)
   if image.ndim == 2:
     image = np.repeat(image[..., None], 3, axis=-1)
   if image.shape[:2] != amap.shape:
     raise ValueError(f"save_heatmap: image {image.shape[:2]} and map {amap.shape} differ in size.")
-  vmin, vmax = _color_range(amap, threshold)
+  vmin, vmax = _color_range(amap, threshold, scale)
   painted = overlay(image[..., :3], amap, vmin, vmax)
   if np.isfinite(threshold):
     region = amap >= threshold

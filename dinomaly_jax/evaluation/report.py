@@ -10,6 +10,7 @@ import json
 import math
 import os
 
+from dinomaly_jax.evaluation import inspection as inspection_lib
 from dinomaly_jax.evaluation import reference_results
 from dinomaly_jax.evaluation.metrics import METRIC_NAMES
 
@@ -21,7 +22,7 @@ def _mean(per_class: dict[str, dict[str, float]], name: str) -> float:
   return sum(values) / len(values) if values else math.nan
 
 
-def _rows(result: dict) -> list[tuple[str, list[float]]]:
+def table_rows(result: dict) -> list[tuple[str, list[float]]]:
   """(label, percent values) for every table row."""
   rows = [(name, [100 * v[m] for m in METRIC_NAMES]) for name, v in result["classes"].items()]
   rows.append((MEAN, [100 * result["mean"][m] for m in METRIC_NAMES]))
@@ -46,24 +47,24 @@ def _warnings(result: dict) -> list[str]:
 
 def format_table(result: dict) -> str:
   """Aligned plain-text table (percent) with a title line."""
-  rows = [(label, [_fmt(v) for v in values]) for label, values in _rows(result)]
+  rows = [(label, [_fmt(v) for v in values]) for label, values in table_rows(result)]
   width = max(len(label) for label, _ in rows + [("class", [])])
   col = max(len(m) for m in METRIC_NAMES) + 1
-  lines = [*_warnings(result), _title(result),
+  lines = [*_warnings(result), title(result),
            "class".ljust(width) + "".join(m.rjust(col) for m in METRIC_NAMES)]
   for label, values in rows:
     if label == MEAN:
       lines.append("-" * (width + col * len(METRIC_NAMES)))
     lines.append(label.ljust(width) + "".join(v.rjust(col) for v in values))
-  return "\n".join(lines + _notes(result))
+  return "\n".join(lines + notes(result))
 
 
-def _title(result: dict) -> str:
+def title(result: dict) -> str:
   step = "" if result["step"] is None else f", step {result['step']}"
   return f"Evaluation ({result['dataset'] or 'custom dataset'}{step}), metrics in percent"
 
 
-def _notes(result: dict) -> list[str]:
+def notes(result: dict) -> list[str]:
   notes = []
   undefined = {m: [c for c, v in result["classes"].items() if math.isnan(v[m])] for m in METRIC_NAMES}
   for m, names in undefined.items():
@@ -77,15 +78,18 @@ def _notes(result: dict) -> list[str]:
 
 
 def _markdown(result: dict) -> str:
-  lines = [f"## {_title(result)}", "", *(f"**{n}**\n" for n in _warnings(result)),
+  lines = [f"## {title(result)}", "", *(f"**{n}**\n" for n in _warnings(result)),
            "| class | " + " | ".join(METRIC_NAMES) + " |",
            "|---|" + "---:|" * len(METRIC_NAMES)]
-  for label, values in _rows(result):
+  for label, values in table_rows(result):
     bold = label in (MEAN, "published", "difference")
     cells = [_fmt(v) for v in values]
     label = f"**{label}**" if bold else label
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  return "\n".join(lines + [""] + [f"- {n}" for n in _notes(result)]) + "\n"
+  text = "\n".join(lines + [""] + [f"- {n}" for n in notes(result)]) + "\n"
+  if result.get("inspection"):
+    text += "\n" + inspection_lib.markdown(result["inspection"])
+  return text
 
 
 def _json_safe(x):
@@ -99,8 +103,12 @@ def _json_safe(x):
 
 
 def write_report(workdir: str, per_class: dict[str, dict[str, float]], *, dataset: str | None,
-                 extra: dict | None = None, step: int | None = None) -> dict:
-  """Adds the mean row, prints the table, writes report.{json,csv,md} into workdir; returns the dict."""
+                 extra: dict | None = None, step: int | None = None,
+                 inspection: dict | None = None) -> dict:
+  """Adds the mean row, prints the table, writes report.{json,csv,md} into workdir; returns the dict.
+
+  `inspection`: {class: inspection.class_results(...)}, added to the JSON and markdown.
+  """
   if not per_class:
     raise ValueError("write_report: no classes were evaluated (the test set is empty).")
   for name, values in per_class.items():
@@ -114,15 +122,15 @@ def write_report(workdir: str, per_class: dict[str, dict[str, float]], *, datase
       "dataset_classes": len(reference_results.CLASSES[dataset])}
   result = {"dataset": dataset, "step": step, "metrics": list(METRIC_NAMES), "classes": classes,
             "mean": {m: _mean(classes, m) for m in METRIC_NAMES}, "published": published,
-            "extra": dict(extra or {})}
+            "extra": dict(extra or {}), "inspection": dict(inspection or {})}
   os.makedirs(workdir, exist_ok=True)
-  print(format_table(result), flush=True)
+  print("\n".join([format_table(result), *inspection_lib.summary_lines(result["inspection"])]), flush=True)
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(_json_safe(result), f, indent=2)
   with open(os.path.join(workdir, "report.csv"), "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(["class", *METRIC_NAMES])
-    for label, values in _rows(result):
+    for label, values in table_rows(result):
       writer.writerow([label, *("" if math.isnan(v) else f"{v:.4f}" for v in values)])
   with open(os.path.join(workdir, "report.md"), "w") as f:
     f.write(_markdown(result))

@@ -7,7 +7,13 @@ import numpy as np
 
 
 def load(export_dir: str):
-  """Returns (fn, info): fn(images (b, S, S, 3) float32 normalised) -> (maps, scores)."""
+  """Returns (fn, info): fn(images, classes=None) -> dict of numpy outputs.
+
+  images: (b, S, S, 3) float32, ImageNet-normalised. classes: None (the pooled
+  calibration), a class name for all images, or one name per image. Outputs: maps,
+  scores, normalised_maps, normalised_scores (0 = median normal image, 1 = the class's
+  calibrated threshold), anomalous (score >= threshold).
+  """
   with open(os.path.join(export_dir, "inference.jax_export"), "rb") as f:
     exported = jax.export.deserialize(bytearray(f.read()))
   with np.load(os.path.join(export_dir, "params.npz")) as z:
@@ -15,7 +21,15 @@ def load(export_dir: str):
   with open(os.path.join(export_dir, "export_info.json")) as f:
     info = json.load(f)
 
-  def fn(images):
-    return exported.call(leaves, np.asarray(images, np.float32))
+  def fn(images, classes=None):
+    images = np.asarray(images, np.float32)
+    if classes is None or isinstance(classes, str):
+      classes = [classes] * images.shape[0]
+    classes = [c or info["pooled_class"] for c in classes]
+    unknown = sorted(set(classes) - set(info["classes"]))
+    if unknown:
+      raise ValueError(f"unknown classes {unknown}; the export knows {info['classes']}.")
+    ids = np.array([info["classes"].index(c) for c in classes], np.int32)
+    return {k: np.asarray(v) for k, v in exported.call(leaves, images, ids).items()}
 
   return fn, info

@@ -1,4 +1,5 @@
-"""Prediction on new images: score, decision with the saved threshold, heatmaps, a CSV.
+"""Prediction on new images: score, normalised score and decision with the class's calibrated
+threshold (evaluation/calibration.py), heatmaps on the class's fixed colour scale, a CSV.
 
 Images of any size are resized on the host and scored in batches of one compiled shape
 (`image_batches.py`), at evaluation's speed; the throughput is printed.
@@ -6,7 +7,6 @@ Images of any size are resized on the host and scored in batches of one compiled
 from concurrent import futures
 import csv
 import glob
-import json
 import os
 import time
 
@@ -18,6 +18,7 @@ from tqdm import tqdm
 from dinomaly_jax import sharding
 from dinomaly_jax.errors import DataError
 from dinomaly_jax.evaluation import anomaly_map
+from dinomaly_jax.evaluation import calibration
 from dinomaly_jax.evaluation import evaluate
 from dinomaly_jax.evaluation import pictures
 from dinomaly_jax.inference import image_batches
@@ -42,8 +43,8 @@ def list_images(pattern: str) -> list[str]:
   return paths
 
 
-def _threshold_for(path: str, class_name: str, thresholds: dict) -> tuple[str, float]:
-  """The class's threshold: the configured class, else a known class in the path, else pooled."""
+def _threshold_for(path: str, class_name: str, thresholds: dict) -> tuple[str, calibration.ClassCalibration]:
+  """The class's calibration: the configured class, else a known class in the path, else pooled."""
   if class_name:
     if class_name not in thresholds:
       raise DataError(f"config.predict.class_name={class_name!r} is not a trained class; "
@@ -59,11 +60,7 @@ def _threshold_for(path: str, class_name: str, thresholds: dict) -> tuple[str, f
 def predict(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Writes predictions.csv and one heatmap PNG per image into config.predict.output."""
   paths = list_images(config.predict.input)
-  threshold_file = os.path.join(workdir, evaluate.THRESHOLDS_FILE)
-  if not os.path.exists(threshold_file):
-    raise FileNotFoundError(f"No {threshold_file}: run training (or --mode=eval) in {workdir} first.")
-  with open(threshold_file) as f:
-    thresholds = json.load(f)
+  thresholds = calibration.load(workdir)
   out_dir = config.predict.output or os.path.join(workdir, "predictions")
   mesh = sharding.make_mesh()
   model, state = model_state.load_trained(config, workdir, mesh)
@@ -96,10 +93,10 @@ def predict_paths(config, map_fn, variables, paths, thresholds, out_dir, mesh) -
                                          disable=jax.process_index() != 0):
       maps, scores = jax.device_get(scorer(variables, sharding.global_batch({"image": images}, mesh)["image"]))
       for path, original, amap, score in zip(chunk, originals, maps, scores):
-        class_name, threshold = _threshold_for(path, config.predict.class_name, thresholds)
+        class_name, cal = _threshold_for(path, config.predict.class_name, thresholds)
         rel = os.path.splitext(os.path.relpath(path, common))[0]  # mirrors the input folders
         outputs.append(pool.submit(_write_outputs, config, os.path.join(out_dir, rel), path, original,
-                                   amap, float(score), class_name, float(threshold)))
+                                   amap, float(score), class_name, cal))
     rows = [f.result() for f in outputs]
   seconds = time.perf_counter() - compiled
   print(f"Predicted {len(rows)} images in {seconds:.1f} s ({len(rows) / seconds:.2f} images/s; "
@@ -107,13 +104,15 @@ def predict_paths(config, map_fn, variables, paths, thresholds, out_dir, mesh) -
   return rows, len(rows) / seconds
 
 
-def _write_outputs(config, stem, path, original, amap, score, class_name, threshold) -> dict:
+def _write_outputs(config, stem, path, original, amap, score, class_name, cal) -> dict:
   """The heatmap PNG (and map .npy) of one image at its original resolution -> its CSV row."""
   heatmap = stem + "_heatmap.png"
   os.makedirs(os.path.dirname(heatmap), exist_ok=True)
   full = np.asarray(anomaly_map.full_resolution_map(amap[None], original.shape[:2], config.data)[0])
-  pictures.save_heatmap(heatmap, original, full, threshold)
+  pictures.save_heatmap(heatmap, original, full, cal.threshold, scale=cal.heat_range())
   if config.predict.save_maps:
     np.save(stem + "_map.npy", full.astype(np.float32))
-  return {"image": path, "class": class_name, "score": score, "threshold": threshold,
-          "decision": "anomalous" if score >= threshold else "normal", "heatmap": heatmap}
+  return {"image": path, "class": class_name, "score": score,
+          "normalised_score": float(cal.normalise(score)), "threshold": cal.threshold,
+          "threshold_from": cal.source, "decision": "anomalous" if score >= cal.threshold else "normal",
+          "heatmap": heatmap}

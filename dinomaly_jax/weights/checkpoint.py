@@ -40,6 +40,7 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
   with open(path) as f:
     saved = _flatten(json.load(f))
   saved.setdefault("model.family", "dinov2")  # runs saved before DINOv3 support were DINOv2
+  saved.setdefault("data.calibration.fraction", 0.0)  # runs saved before the calibration split
   now = _flatten(_as_plain(config))
   diffs = [f"  config.{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
            for k in sorted(set(saved) | set(now))
@@ -69,7 +70,7 @@ def manager(workdir: str, config: ml_collections.ConfigDict, *, read_only=False)
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
   """Saves the trainable part of `state` asynchronously."""
-  mngr.save(step, args=ocp.args.StandardSave(_trainable(state)), force=True)
+  mngr.save(step, args=ocp.args.StandardSave(trainable(state)), force=True)
 
 
 def restore(mngr: ocp.CheckpointManager, state, step: int | None = None):
@@ -77,10 +78,11 @@ def restore(mngr: ocp.CheckpointManager, state, step: int | None = None):
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"No checkpoint in {mngr.directory}.")
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _trainable(state))
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainable(state))
   restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
   return state.replace(**restored)
 
 
-def _trainable(state) -> dict:
+def trainable(state) -> dict:
+  """The part of a train state a checkpoint holds (the encoder is frozen and not saved)."""
   return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng}
