@@ -28,8 +28,9 @@ from dinomaly_jax.weights import encoder_weights
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  encoder_weights.resolve_architecture(config)
-  validation.validate(config)
+  validation.validate(config)  # every field; the model's size may still be "auto"
+  encoder_weights.resolve_architecture(config)  # "auto" read from the weights' meta.json
+  validation.validate(config)  # the model fields the weights filled in
   sharding.maybe_initialize_distributed()
   if config.mode in ("train", "eval") and config.data.synthetic:
     _use_demo_data(config, workdir)

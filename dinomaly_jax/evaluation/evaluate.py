@@ -87,7 +87,7 @@ def evaluate(config, workdir, model, variables, records, *, step, mesh) -> dict:
   e = config.eval
   calibration_records = _by_class(data_index.build_records(config.data, "calibration"))
   per_class, thresholds, calibrations, inspection, views = {}, {}, {}, {}, []
-  pooled = {"scores": [], "labels": [], "calibration": [], "maps": []}
+  pooled = {"scores": [], "labels": [], "calibration": [], "maps": [], "test_maps": []}
   out_dir = os.path.join(workdir, "eval")
   for name, class_records in sorted(_by_class(records).items()):
     maps, scores, masks = predict_records(config, map_fn, variables, class_records, mesh, desc=f"eval {name}")
@@ -108,7 +108,7 @@ def evaluate(config, workdir, model, variables, records, *, step, mesh) -> dict:
       pooled["maps"].append(cal_maps[:, ::8, ::8])
     else:
       cal = calibration.from_test_labels(scores, labels, maps, best["image"])
-      pooled["maps"].append(maps[labels == 0, ::8, ::8])
+    pooled["test_maps"].append(maps[:, ::8, ::8])  # the pooled fallback picks the normal ones
     calibrations[name] = cal
     pooled["scores"].append(scores)
     pooled["labels"].append(labels)
@@ -123,11 +123,12 @@ def evaluate(config, workdir, model, variables, records, *, step, mesh) -> dict:
     return {}
   all_scores, all_labels = np.concatenate(pooled["scores"]), np.concatenate(pooled["labels"])
   thresholds[POOLED] = float(metrics.image_f1_threshold(all_scores, all_labels))
-  pooled_maps = np.concatenate(pooled["maps"])
   calibrations[POOLED] = (
-      calibration.calibrate(np.concatenate(pooled["calibration"]), pooled_maps, e.target_fpr)
+      calibration.calibrate(np.concatenate(pooled["calibration"]), np.concatenate(pooled["maps"]),
+                            e.target_fpr)
       if len(pooled["calibration"]) == len(per_class) else
-      calibration.from_test_labels(all_scores, all_labels, pooled_maps, thresholds[POOLED]))
+      calibration.from_test_labels(all_scores, all_labels, np.concatenate(pooled["test_maps"]),
+                                   thresholds[POOLED]))
   with open(os.path.join(workdir, THRESHOLDS_FILE), "w") as f:
     json.dump(thresholds, f, indent=2)
   calibration_file = calibration.save(workdir, calibrations)

@@ -11,15 +11,12 @@ from dinomaly_jax.errors import EncoderWeightsError
 from dinomaly_jax.weights import convert
 from dinomaly_jax.weights import converted
 
-HOW_TO_GET_WEIGHTS = """\
-No encoder weights: set --config.encoder_weights to a directory written by
-  python -m weight_conversion.convert --download vitb14_reg4 --out weights/dinov2_vitb14_reg4
-(or --checkpoint dinov2_vitb14_reg4_pretrain.pth from
-https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth),
-or to the official .pth file itself (it is converted once and cached).
-DINOv3 (model.family=dinov3): accept Meta's DINOv3 license and download the official
-.pth or the Hugging Face facebook/dinov3-* model.safetensors yourself, then use it the same way.
-Only the demo runs with random encoder weights (config.random_encoder=True)."""
+HOW_TO_GET_WEIGHTS = (
+    "set --config.encoder_weights to a directory from `python -m weight_conversion.convert "
+    "--download vitb14_reg4 --out weights/dinov2_vitb14_reg4` (or --checkpoint FILE.pth), or to the "
+    "official .pth itself (converted once and cached); DINOv3: download the official .pth or the "
+    "Hugging Face facebook/dinov3-* model.safetensors yourself (Meta's license) and use it the same "
+    "way; only the demo runs with random encoder weights (config.random_encoder=True).")
 
 
 def cache_dir() -> str:
@@ -80,9 +77,9 @@ def _converted_dir(config: ml_collections.ConfigDict) -> str:
   """config.encoder_weights as a converted directory (a PyTorch file is converted once)."""
   path = config.encoder_weights
   if not path:
-    raise EncoderWeightsError(HOW_TO_GET_WEIGHTS)
+    raise EncoderWeightsError(f"config.encoder_weights is empty: {HOW_TO_GET_WEIGHTS}")
   if not os.path.exists(path):
-    raise EncoderWeightsError(f"config.encoder_weights: {path} does not exist.\n{HOW_TO_GET_WEIGHTS}")
+    raise EncoderWeightsError(f"config.encoder_weights: {path} does not exist; {HOW_TO_GET_WEIGHTS}")
   return _convert_cached(path) if os.path.isfile(path) else path
 
 
