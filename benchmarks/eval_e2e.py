@@ -126,6 +126,12 @@ def main(argv=None):
   print("Wrote", stem + ".json", stem + ".md")
 
 
+def _metric_gap(r) -> float:
+  """Max |project - reference| over the seven mean metrics, in percentage points."""
+  ours = r["jax_eval"]["report"]["mean"]
+  return max(abs(100 * ours[k] - r["reference_eval"]["metrics"]["mean"][k]) for k in METRICS)
+
+
 def markdown(r) -> str:
   j, ref, p = r["jax_eval"], r["reference_eval"], r["predict"]
   lines = [f"# Evaluation end to end, {r['facts']['date']}", "",
@@ -145,7 +151,9 @@ def markdown(r) -> str:
            f"image ({p['all']['seconds']:.1f} s for all, {p['one']['seconds']:.1f} s for one "
            "image, i.e. start-up and compile).", "",
            "Reference-procedure metrics (mean over classes, %): " +
-           ", ".join(f"{k} {ref['metrics']['mean'][k]:.2f}" for k in METRICS), ""]
+           ", ".join(f"{k} {ref['metrics']['mean'][k]:.2f}" for k in METRICS) +
+           f"; largest difference from this project's report: {_metric_gap(r):.2g} points "
+           "(same weights, so the two procedures must agree).", ""]
   return "\n".join(lines) + "\n"
 
 

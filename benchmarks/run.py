@@ -187,11 +187,11 @@ def main(argv=None):
         result = json.load(f)
     rows += result["rows"]
     matmul[threads] = result["matmul_gflops"]
-  facts["wall_s"] = round(time.perf_counter() - start, 1)
-  facts["matmul_gflops"] = matmul
-  os.makedirs(args.out, exist_ok=True)
-  name = args.name or f"{facts['jax_backend']}-{facts['date'][:10]}"
-  print("Wrote", *report.write(os.path.join(args.out, name), facts, rows))
+    facts["wall_s"] = round(time.perf_counter() - start, 1)
+    facts["matmul_gflops"] = matmul
+    os.makedirs(args.out, exist_ok=True)  # written after each thread count: a stopped run keeps them
+    name = args.name or f"{facts['jax_backend']}-{facts['date'][:10]}"
+    print("Wrote", *report.write(os.path.join(args.out, name), facts, rows))
 
 
 if __name__ == "__main__":
