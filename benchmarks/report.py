@@ -1,117 +1,137 @@
-"""Benchmark results: one console line per figure, a JSON file and a Markdown table."""
-import dataclasses
+"""Benchmark results: one console line per task, a JSON file and a Markdown report.
+
+Times are medians of the timed calls with their [min-max]; ratios are baseline median /
+JAX median (> 1: JAX faster) with the range of the pairings and "within noise" where the
+two time ranges overlap; GFLOP/s = XLA's FLOP count of the call / its median time (the
+same count is used for torch, which does the same work), next to the machine's matmul
+rate at that thread count so that impossible figures stand out.
+"""
 import json
-import sys
+
+from benchmarks import timing
+
+TARGETS = [("train", 1.2)]  # issue 15: the train step >= 1.2x the reference's
+TORCH_NAMES = {"torch_reference": "torch eager, reference attention",
+               "torch_sdpa": "torch eager, fused SDPA",
+               "torch_compile": "torch.compile (SDPA)"}
 
 
-@dataclasses.dataclass
-class Row:
-  """One benchmark figure: JAX seconds per call next to its baseline's."""
-  task: str
-  vit: str
-  size: int
-  batch: int
-  jax_s: float
-  torch_s: float | None
-  compile_s: float
-  jax_rss_growth_mib: float
-  torch_rss_growth_mib: float | None
-  jax_device_peak_mib: float | None
-  baseline: str = "torch"  # what `ratio` compares against
-  all_seconds: dict | None = None  # every timed call, per framework
-
-  @property
-  def ratio(self) -> float | None:
-    return None if self.torch_s is None else self.torch_s / self.jax_s
-
-
-# Issue 7's CPU targets: (task, minimum ratio, input size or None for all sizes).
-TARGETS = [("attention_auto", 1.0, 392), ("encoder", 1.0, 392), ("train", 1.2, None), ("cached_vs_uncached", 2.0, None),
-           ("e2e_cached_vs_images", 2.0, None)]
-CACHED_TASKS = {
-    "cached_vs_uncached": "train step, batch in memory",
-    "e2e_cached_vs_images": "train step incl. data loading (PNG pipeline vs cache)",
-}
-
-
-def _fmt(x, digits=3):
-  return "-" if x is None else f"{x:.{digits}g}"
+def _summaries(row) -> dict:
+  return {name: timing.summary(t) for name, t in row["seconds"].items() if t}
 
 
 def row_line(row) -> str:
-  ratio = "" if row.ratio is None else f"  x{row.ratio:.2f} vs {row.baseline}"
-  other = "" if row.torch_s is None else f"  {row.baseline} {row.torch_s:.4g}s"
-  return (f"{row.task:18s} {row.vit:5s} {row.size} b{row.batch:<3d} jax {row.jax_s:.4g}s "
-          f"({row.batch / row.jax_s:.3g} img/s){other}{ratio}  compile {row.compile_s:.1f}s")
+  s = _summaries(row)
+  parts = [f"{row['task']:12s} {row['vit']:5s} {row['size']} b{row['batch']} t{row['threads']}"]
+  for name, summ in s.items():
+    parts.append(f"{name} {timing.fmt_seconds(summ)}s")
+  if "jax" in s:
+    for name, summ in s.items():
+      if name.startswith("torch"):
+        parts.append(f"{name}/jax {timing.fmt_ratio(timing.ratio(summ, s['jax']))}")
+  parts += [f"error {k}: {v[:80]}" for k, v in row.get("errors", {}).items()]
+  return "  ".join(parts) + f"  load {row['load_before']}->{row['load_after']}"
 
 
-def _as_dict(row) -> dict:
-  d = dataclasses.asdict(row)
-  d["ratio"] = row.ratio
-  d["jax_images_per_s"] = row.batch / row.jax_s
-  d["baseline_images_per_s"] = None if row.torch_s is None else row.batch / row.torch_s
-  return d
+def _gflops(row, summ) -> str:
+  return f"{row['gflop'] / summ['median']:.0f}"
+
+
+def _load_range(rows) -> str:
+  loads = [x for r in rows for x in (r["load_before"], r["load_after"])]
+  return f"{min(loads)}-{max(loads)}" if loads else "-"
 
 
 def markdown(facts: dict, rows) -> str:
+  cores = facts["cpu_cores"]
   lines = [f"# Dinomaly-JAX benchmark, {facts['date']}", "",
-           f"- Hardware: {facts['cpu']}, {facts['cpu_cores']} cores, {facts['memory_gib']} GiB; "
-           f"JAX backend {facts['jax_backend']} ({', '.join(sorted(set(facts['devices'])))})",
+           f"- Command: `{facts.get('command', 'python -m benchmarks.run')}`",
+           f"- Hardware: {facts['cpu']}, {cores} cores, {facts['memory_gib']} GiB; JAX backend "
+           f"{facts['jax_backend']}",
            f"- Versions: python {facts['python']}, jax {facts['jax']}, flax {facts['flax']}, "
-           f"torch {facts.get('torch', '-')} (timed with {facts.get('torch_threads', '-')} "
-           "intra-op threads, the faster kept per call)",
-           f"- float32 matmul 1024^3 GFLOP/s: {facts.get('matmul_gflops')}",
-           f"- Fastest of {facts['repeats']} calls after a warm-up (JSON: every call); JAX and "
-           f"torch calls alternate. Ratio = baseline time / JAX time (> 1: JAX faster). Wall time "
-           f"{facts['wall_s']} s.",
-           "- RSS growth: peak resident memory during the first (warm-up) call minus the "
-           "resident memory before it (freed heap returned to the OS first). train_cached's "
-           "torch figures are the torch image train step (the twin has no cache).", ""]
-  lines += ["## Targets", "", "| target | model | size | batch | ratio | met |", "|---|---|---|---|---|---|"]
-  for task, minimum, size in TARGETS:
-    for r in rows:
-      if r.task == task and (size is None or r.size == size) and r.ratio is not None:
-        lines.append(f"| {task} >= {minimum}x | ViT-{r.vit} | {r.size} | {r.batch} | "
-                     f"{r.ratio:.2f}x | {'yes' if r.ratio >= minimum else 'NO'} |")
-  lines += ["", "## JAX vs PyTorch", "",
-            "| task | model | size | batch | JAX s | JAX img/s | torch s | torch img/s | ratio "
-            "| JAX compile s | RSS growth MiB JAX / torch | device peak MiB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    if r.baseline != "torch":
-      continue
-    torch_ips = None if r.torch_s is None else r.batch / r.torch_s
-    lines.append(
-        f"| {r.task} | ViT-{r.vit} | {r.size} | {r.batch} | {_fmt(r.jax_s)} | "
-        f"{_fmt(r.batch / r.jax_s)} | {_fmt(r.torch_s)} | {_fmt(torch_ips)} | "
-        f"{_fmt(r.ratio)} | {r.compile_s:.1f} | {_fmt(r.jax_rss_growth_mib, 5)} / "
-        f"{_fmt(r.torch_rss_growth_mib, 5)} | {_fmt(r.jax_device_peak_mib, 5)} |")
-  cached = [r for r in rows if r.task in CACHED_TASKS]
-  if cached:
-    lines += ["", "## Cached encoder features vs images (JAX)", "",
-              "Caching removes the encoder forward (and image loading) from each step; the "
-              "decoder's forward and backward remain, so the step speed-up is bounded by "
-              "1 / (1 - encoder share of the image step); with data loading, image decoding "
-              "adds to the image step.", "",
-              "| measured | model | size | batch | cached s/step | images s/step | speed-up "
-              "| encoder fwd s (share) | bound | cache build s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in cached:
-      build = f"{r.compile_s:.1f}" if r.task == "e2e_cached_vs_images" else "-"
-      encoder = [e for e in rows if (e.task, e.vit, e.size, e.batch) == ("encoder", r.vit, r.size,
-                                                                        r.batch)]
-      share = encoder[0].jax_s / r.torch_s if encoder and r.task == "cached_vs_uncached" else None
-      profile = "-" if share is None else f"{encoder[0].jax_s:.3g} ({share:.0%})"
-      bound = "-" if share is None or share >= 1 else f"{1 / (1 - share):.2f}x"
-      lines.append(f"| {CACHED_TASKS[r.task]} | ViT-{r.vit} | {r.size} | {r.batch} | "
-                   f"{_fmt(r.jax_s)} | {_fmt(r.torch_s)} | {r.ratio:.2f}x | {profile} | {bound} "
-                   f"| {build} |")
+           f"torch {facts.get('torch', '-')}",
+           f"- Each figure: median [min-max] of {facts['repeats']} timed calls after a warm-up "
+           "call; implementations alternate call by call. Ratio = torch median / JAX median "
+           "(> 1: JAX faster), [range of the pairings]; \"within noise\" where the time ranges "
+           "overlap.",
+           "- JAX and torch run in the same process, pinned to the same thread count (XLA flags "
+           "at process start, torch.set_num_threads); each thread count in its own process.",
+           "- torch variants: " + "; ".join(f"`{k}` = {v}" for k, v in TORCH_NAMES.items()) +
+           ". All do the reference's procedure (benchmarks/torch_dinomaly.py).",
+           "- GFLOP/img from XLA's cost analysis of the JAX call (torch does the same work); "
+           "GFLOP/s = GFLOP per call / median seconds.",
+           f"- Wall time of the run: {facts.get('wall_s', '-')} s. The 1-minute load average "
+           f"(runnable processes on {cores} cores) before/after each task is in the last column; "
+           f"over the whole run: {_load_range(rows)}.", ""]
+  for threads in sorted({r["threads"] for r in rows}):
+    trows = [r for r in rows if r["threads"] == threads and r["task"] != "train_cached"]
+    matmul = facts.get("matmul_gflops", {}).get(str(threads)) or facts.get(
+        "matmul_gflops", {}).get(threads)
+    impls = [n for n in TORCH_NAMES if any(n in r["seconds"] for r in trows)]
+    lines += [f"## {threads} thread{'s' if threads > 1 else ''}", "",
+              f"float32 1024^3 matmul GFLOP/s at this thread count: {matmul}", ""]
+    header = ["task", "model", "size", "batch", "GFLOP/img", "JAX s", "JAX GFLOP/s"]
+    for n in impls:
+      header += [f"{n} s", f"{n} / JAX"]
+    lines += ["| " + " | ".join(header + ["load before/after"]) + " |",
+              "|" + "---|" * (len(header) + 1)]
+    for r in trows:
+      s = _summaries(r)
+      cells = [r["task"], f"ViT-{r['vit']}", str(r["size"]), str(r["batch"]),
+               f"{r['gflop'] / r['batch']:.1f}"]
+      cells += ([timing.fmt_seconds(s["jax"]), _gflops(r, s["jax"])] if "jax" in s else ["-", "-"])
+      for n in impls:
+        if n in s and "jax" in s:
+          cells += [f"{timing.fmt_seconds(s[n])} ({_gflops(r, s[n])} GFLOP/s)",
+                    timing.fmt_ratio(timing.ratio(s[n], s["jax"]))]
+        else:
+          cells += [r.get("errors", {}).get(n, "-")[:60], "-"]
+      lines.append("| " + " | ".join(cells + [f"{r['load_before']} / {r['load_after']}"]) + " |")
+    lines.append("")
+  lines += _targets(rows) + _cached(rows)
   return "\n".join(lines) + "\n"
+
+
+def _targets(rows) -> list:
+  lines = ["## Targets", "", "| target | model | size | batch | threads | vs | ratio | met |",
+           "|---|---|---|---|---|---|---|---|"]
+  for task, minimum in TARGETS:
+    for r in rows:
+      s = _summaries(r)
+      if r["task"] != task or "jax" not in s:
+        continue
+      for n in [n for n in TORCH_NAMES if n in s]:
+        rt = timing.ratio(s[n], s["jax"])
+        met = "yes" if rt["median"] >= minimum and not rt["within_noise"] else "NO"
+        lines.append(f"| {task} >= {minimum}x | ViT-{r['vit']} | {r['size']} | {r['batch']} | "
+                     f"{r['threads']} | {n} | {timing.fmt_ratio(rt)} | {met} |")
+  return lines + [""]
+
+
+def _cached(rows) -> list:
+  cached = [r for r in rows if r["task"] == "train_cached"]
+  if not cached:
+    return []
+  lines = ["## Cached encoder features vs images (JAX only)", "",
+           "The cached-feature step skips the encoder forward; it is compared with the JAX "
+           "image step of the same run, not with torch.", "",
+           "| model | size | batch | threads | cached step s | image step s | speed-up |",
+           "|---|---|---|---|---|---|---|"]
+  for r in cached:
+    image = [x for x in rows if x["task"] == "train" and all(
+        x[k] == r[k] for k in ("vit", "size", "batch", "threads"))]
+    c = timing.summary(r["seconds"]["jax_cached"])
+    if image and image[0]["seconds"].get("jax"):
+      i = timing.summary(image[0]["seconds"]["jax"])
+      lines.append(f"| ViT-{r['vit']} | {r['size']} | {r['batch']} | {r['threads']} | "
+                   f"{timing.fmt_seconds(c)} | {timing.fmt_seconds(i)} | "
+                   f"{timing.fmt_ratio(timing.ratio(i, c))} |")
+  return lines + [""]
 
 
 def write(stem: str, facts: dict, rows) -> tuple[str, str]:
   with open(stem + ".json", "w") as f:
-    json.dump({"facts": facts, "rows": [_as_dict(r) for r in rows]}, f, indent=1)
+    json.dump({"facts": facts, "rows": rows}, f, indent=1)
   with open(stem + ".md", "w") as f:
     f.write(markdown(facts, rows))
   return stem + ".json", stem + ".md"
@@ -119,13 +139,12 @@ def write(stem: str, facts: dict, rows) -> tuple[str, str]:
 
 def main():
   """Re-renders the Markdown of a results JSON: python -m benchmarks.report <file.json>."""
+  import sys  # pylint: disable=g-import-not-at-top
   if len(sys.argv) != 2 or not sys.argv[1].endswith(".json"):
     raise SystemExit("usage: python -m benchmarks.report <results.json>")
   with open(sys.argv[1]) as f:
     data = json.load(f)
-  fields = {f.name for f in dataclasses.fields(Row)}
-  rows = [Row(**{k: v for k, v in r.items() if k in fields}) for r in data["rows"]]
-  print("Wrote", *write(sys.argv[1][:-len(".json")], data["facts"], rows))
+  print("Wrote", *write(sys.argv[1][:-len(".json")], data["facts"], data["rows"]))
 
 
 if __name__ == "__main__":

@@ -1,60 +1,48 @@
-"""Timing, memory and machine facts for the benchmarks."""
-import ctypes
+"""Timing statistics, thread pinning and machine facts for the benchmarks.
+
+Every figure is a list of timed calls after a warm-up call; it is summarised by its
+median and its min-max range. A ratio is a ratio of medians; its range runs from the
+least to the most favourable pairing of the two ranges, and when the two ranges overlap
+the ratio is marked "within noise".
+"""
 import datetime
+import os
 import platform
 import statistics
-import threading
 import time
 
-import jax
-import psutil
+MIN_REPEATS = 5  # timed calls per figure (after one warm-up call), except --quick runs
+SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
-class PeakRss:
-  """Samples this process's resident memory every `interval` s while active."""
+def thread_env(threads: int, all_cores: int) -> dict:
+  """Environment for a fresh process whose JAX (XLA) and torch use `threads` threads.
 
-  def __init__(self, interval: float = 0.005):
-    self._interval = interval
-    self._process = psutil.Process()
-    self._peak = 0
-    self._active = threading.Event()
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._sample, daemon=True)
-    self._thread.start()
-
-  def _sample(self):
-    while not self._stop.is_set():
-      if self._active.wait(0.05):
-        self._peak = max(self._peak, self._process.memory_info().rss)
-        time.sleep(self._interval)
-
-  def measure(self, fn):
-    """Runs fn() while sampling; returns (result, peak RSS growth in bytes during the call).
-
-    Freed heap memory is first returned to the OS (glibc malloc_trim), so that the
-    growth counts what the call itself needs rather than what earlier calls left.
-    """
-    _malloc_trim()
-    before = self._process.memory_info().rss
-    self._peak = before
-    self._active.set()
-    try:
-      result = fn()
-    finally:
-      self._active.clear()
-    return result, max(self._peak, self._process.memory_info().rss) - before
-
-  def close(self):
-    self._stop.set()
-    self._active.set()
-    self._thread.join()
+  XLA reads its flags once at start-up, hence one process per thread count; torch is
+  pinned in that process with torch.set_num_threads (see pin_torch_threads)."""
+  env = dict(os.environ)
+  flags = env.get("XLA_FLAGS", "")
+  if threads < all_cores:
+    if threads != 1:
+      raise ValueError(f"threads={threads}: XLA can be pinned to 1 thread or left on all "
+                       f"{all_cores} cores only.")
+    flags = f"{flags} {SINGLE_THREAD_XLA_FLAGS}".strip()
+  env["XLA_FLAGS"] = flags
+  env["BENCH_THREADS"] = str(threads)
+  for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    env[name] = str(threads)
+  return env
 
 
-def _malloc_trim():
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
+def pin_torch_threads(threads: int) -> None:
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(threads)
+  torch.set_num_interop_threads(1)
+
+
+def load_average() -> float:
+  """The 1-minute load average (runnable processes; > cores means a busy machine)."""
+  return round(os.getloadavg()[0], 2)
 
 
 def interleaved_times(fns: dict, repeats: int) -> dict:
@@ -69,13 +57,32 @@ def interleaved_times(fns: dict, repeats: int) -> dict:
   return times
 
 
-def interleaved_seconds(fns: dict, repeats: int) -> dict:
-  """The median seconds per call of interleaved_times."""
-  return {name: statistics.median(t) for name, t in interleaved_times(fns, repeats).items()}
+def summary(seconds) -> dict:
+  """{"median", "min", "max", "n"} of a list of seconds."""
+  return {"median": statistics.median(seconds), "min": min(seconds), "max": max(seconds),
+          "n": len(seconds)}
+
+
+def ratio(baseline: dict, ours: dict) -> dict:
+  """baseline time / our time from two summaries: median ratio, its range, and whether
+  the two time ranges overlap ("within noise": the ranking is not established)."""
+  return {"median": baseline["median"] / ours["median"],
+          "low": baseline["min"] / ours["max"], "high": baseline["max"] / ours["min"],
+          "within_noise": baseline["min"] <= ours["max"] and ours["min"] <= baseline["max"]}
+
+
+def fmt_seconds(s: dict) -> str:
+  return f"{s['median']:.3g} [{s['min']:.3g}-{s['max']:.3g}]"
+
+
+def fmt_ratio(r: dict) -> str:
+  text = f"{r['median']:.2f}x [{r['low']:.2f}-{r['high']:.2f}]"
+  return text + (" within noise" if r["within_noise"] else "")
 
 
 def device_peak_bytes():
-  """Peak bytes in use on the first accelerator (None on CPU, where RSS is used)."""
+  """Peak bytes in use on the first accelerator (None on CPU)."""
+  import jax  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
   if device.platform == "cpu":
     return None
@@ -97,6 +104,8 @@ def cpu_model() -> str:
 def machine_facts() -> dict:
   """Date, hardware and library versions, for the results file."""
   import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import psutil  # pylint: disable=g-import-not-at-top
   facts = {
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "cpu": cpu_model(),
@@ -116,8 +125,10 @@ def machine_facts() -> dict:
   return facts
 
 
-def matmul_gflops(with_torch: bool, n: int = 1024, repeats: int = 5) -> dict:
-  """float32 GFLOP/s of one (n x n) @ (n x n) matmul in JAX (and torch): context for ratios."""
+def matmul_gflops(with_torch: bool, n: int = 1024, repeats: int = MIN_REPEATS) -> dict:
+  """float32 GFLOP/s of one (n x n) @ (n x n) matmul, JAX (and torch), as {name: summary
+  of GFLOP/s}: the machine's practical peak at the current thread count."""
+  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   a = np.random.default_rng(0).standard_normal((n, n), np.float32)
@@ -130,8 +141,8 @@ def matmul_gflops(with_torch: bool, n: int = 1024, repeats: int = 5) -> dict:
     fns["torch"] = lambda: ta @ ta
   for fn in fns.values():
     fn()
-  seconds = interleaved_seconds(fns, repeats)
-  return {name: round(2 * n**3 / s / 1e9, 1) for name, s in seconds.items()}
+  times = interleaved_times(fns, repeats)
+  return {name: round(2 * n**3 / statistics.median(t) / 1e9, 1) for name, t in times.items()}
 
 
 def write_results(path, results: list) -> None:

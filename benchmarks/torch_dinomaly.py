@@ -1,120 +1,209 @@
-"""The same work as Dinomaly-JAX, in PyTorch, for side-by-side timing only.
+"""The reference Dinomaly procedure in PyTorch, for side-by-side timing only.
 
-The encoder is the transformers DINOv2 (with registers) model running PyTorch's fused
-`scaled_dot_product_attention` ("sdpa"; the `dinov2` package's attention does not use
-it without xFormers). Everything after the encoder is written here in plain torch
-ops. This is a timing twin, not a correctness reference: weights are random.
+It does what the reference code (`ViTill` with the DINOv2 encoder) does per call, with
+the same operations in the same order:
+  encoder: the `dinov2` package's ViT (the code the reference vendors; registers are
+    inserted after the class token as the reference's copy does), blocks 0..max(target
+    layers) only, under torch.no_grad(). Attention "reference" is DINOv2's own
+    `q @ k^T -> softmax -> @ v` (what the reference runs on CPU, where xFormers is
+    absent); "sdpa" swaps in torch's fused scaled_dot_product_attention (faster).
+  bottleneck: dropout, fc1, GELU, dropout, fc2, dropout;
+  decoder: 8 pre-norm blocks (LayerNorm eps 1e-8) whose attention is the reference's
+    LinearAttention2: elu+1 features, kv = k^T v, z = 1 / (q . sum k), out = kv q z;
+  loss: the global hard-mining cosine loss (top-k threshold over the batch's point
+    distances, easy points' gradients scaled by a hook);
+  optimizer: gradient clipping at 0.1, then StableAdamW with AMSGrad, tensor by tensor.
+`TorchTwin(compile=True)` wraps the model in torch.compile. Weights are random.
 """
 import math
 
 import torch
-from torch import nn
 import torch.nn.functional as F
-import transformers
+from torch import nn
 
 from dinomaly_jax.models import vit as vit_lib
 
+_DINOV2_BUILDERS = {"small": "vit_small", "base": "vit_base", "large": "vit_large"}
+
+
+def _sdpa_forward(attn):
+  """A DINOv2 attention forward that calls torch's fused scaled_dot_product_attention."""
+
+  def forward(x, attn_bias=None):
+    del attn_bias
+    b, n, c = x.shape
+    q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+    return attn.proj(out.transpose(1, 2).reshape(b, n, c))
+
+  return forward
+
 
 class TorchEncoder(nn.Module):
-  """DINOv2 blocks 0..max(layers) (later blocks are not built); returns chosen block outputs."""
+  """The DINOv2 ViT (all blocks, as the reference loads it); forward runs blocks
+  0..max(layers) under no_grad and returns the chosen blocks' outputs (B, N, D)."""
 
-  def __init__(self, vit: str, registers: int, layers):
+  def __init__(self, vit: str, registers: int, layers, attention: str = "reference"):
     super().__init__()
-    spec = vit_lib.VIT_VARIANTS[vit]
-    if spec["ffn"] != "mlp":
+    from dinov2.models import vision_transformer as dinov2_vit  # pylint: disable=g-import-not-at-top
+    if vit not in _DINOV2_BUILDERS:
       raise ValueError(f"The torch benchmark twin supports MLP encoders, not vit={vit!r}.")
-    common = dict(hidden_size=spec["embed_dim"], num_hidden_layers=max(layers) + 1,
-                  num_attention_heads=spec["num_heads"], mlp_ratio=4, patch_size=14,
-                  image_size=518, layer_norm_eps=1e-6, layerscale_value=1.0,
-                  attn_implementation="sdpa")
-    if registers:
-      config = transformers.Dinov2WithRegistersConfig(num_register_tokens=registers, **common)
-      self.model = transformers.Dinov2WithRegistersModel(config)
-    else:
-      self.model = transformers.Dinov2Model(transformers.Dinov2Config(**common))
-    self.model.layernorm = nn.Identity()  # Dinomaly uses raw block outputs
+    self.vit = getattr(dinov2_vit, _DINOV2_BUILDERS[vit])(patch_size=14, img_size=518,
+                                                         init_values=1.0, block_chunks=0)
+    if attention == "sdpa":
+      for block in self.vit.blocks:
+        block.attn.forward = _sdpa_forward(block.attn)
+    elif attention != "reference":
+      raise ValueError(f"attention must be 'reference' or 'sdpa', got {attention!r}.")
+    dim = vit_lib.VIT_VARIANTS[vit]["embed_dim"]
+    self.vit.register_tokens = (nn.Parameter(torch.zeros(1, registers, dim)) if registers
+                                else None)
     self.layers = list(layers)
 
   def forward(self, images):  # (B, 3, H, W) -> list of (B, N, D)
-    hidden = self.model(pixel_values=images, output_hidden_states=True).hidden_states
-    return [hidden[i + 1] for i in self.layers]  # hidden[0] is the embedding output
+    with torch.no_grad():
+      x = self.vit.prepare_tokens_with_masks(images)
+      if self.vit.register_tokens is not None:
+        x = torch.cat([x[:, :1], self.vit.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]], 1)
+      outputs = []
+      for i, block in enumerate(self.vit.blocks[:max(self.layers) + 1]):
+        x = block(x)
+        if i in self.layers:
+          outputs.append(x)
+    return outputs
 
 
-class LinearAttentionBlock(nn.Module):
-  """Pre-norm block with elu+1 linear attention (no softmax, no scale)."""
+class LinearAttention(nn.Module):
+  """elu+1 linear attention, computed as the reference's LinearAttention2."""
 
   def __init__(self, dim: int, heads: int):
     super().__init__()
     self.heads = heads
-    self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-8), nn.LayerNorm(dim, eps=1e-8)
     self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-    self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
 
   def forward(self, x):  # (B, N, D)
     b, n, d = x.shape
-    qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, N, d)
-    q, k = F.elu(q) + 1, F.elu(k) + 1
-    kv = torch.einsum("bhnd,bhne->bhde", k, v)
-    normaliser = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=2))
-    out = torch.einsum("bhnd,bhde->bhne", q, kv) / normaliser[..., None]
-    x = x + self.proj(out.transpose(1, 2).reshape(b, n, d))
-    return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+    q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+    q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
+    kv = torch.einsum("...sd,...se->...de", k, v)  # (B, H, d, d)
+    z = 1.0 / torch.einsum("...sd,...d->...s", q, k.sum(dim=-2))  # (B, H, N)
+    out = torch.einsum("...de,...sd,...s->...se", kv, q, z)  # (B, H, N, d)
+    return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+  """fc1 -> GELU -> fc2 (the bottleneck adds dropout around and between)."""
+
+  def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+    super().__init__()
+    self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+    self.drop = nn.Dropout(dropout)
+
+  def forward(self, x):
+    return self.drop(self.fc2(self.drop(F.gelu(self.fc1(self.drop(x))))))
+
+
+class DecoderBlock(nn.Module):
+  def __init__(self, dim: int, heads: int):
+    super().__init__()
+    self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-8), nn.LayerNorm(dim, eps=1e-8)
+    self.attn = LinearAttention(dim, heads)
+    self.mlp = Mlp(dim, 4 * dim)
+
+  def forward(self, x):
+    x = x + self.attn(self.norm1(x))
+    return x + self.mlp(self.norm2(x))
 
 
 class TorchDinomaly(nn.Module):
-  """Encoder -> noisy bottleneck -> 8 linear-attention blocks -> loose groups."""
+  """Encoder -> noisy bottleneck -> decoder blocks -> loose groups, as ViTill (whose state
+  dict key names it shares once `encoder.vit.` is read as `encoder.`, see
+  vitill_state_dict)."""
 
   def __init__(self, vit: str, registers: int, target_layers, fuse_groups, depth: int = 8,
-               dropout: float = 0.2):
+               dropout: float = 0.2, attention: str = "reference"):
     super().__init__()
-    self.encoder = TorchEncoder(vit, registers, target_layers)
-    for p in self.encoder.parameters():
-      p.requires_grad_(False)
+    self.encoder = TorchEncoder(vit, registers, target_layers, attention)
+    self.encoder.requires_grad_(False)
+    self.prefix = 1 + registers
     dim, heads = vit_lib.VIT_VARIANTS[vit]["embed_dim"], vit_lib.VIT_VARIANTS[vit]["num_heads"]
-    self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
-    self.dropout = nn.Dropout(dropout)
-    self.blocks = nn.ModuleList(LinearAttentionBlock(dim, heads) for _ in range(depth))
+    self.bottleneck = nn.ModuleList([Mlp(dim, 4 * dim, dropout)])
+    self.decoder = nn.ModuleList(DecoderBlock(dim, heads) for _ in range(depth))
     self.fuse_groups = [list(g) for g in fuse_groups]
 
   def forward(self, images):  # -> (enc_groups, dec_groups), lists of (B, D, h, w)
     h, w = images.shape[2] // 14, images.shape[3] // 14
-    with torch.no_grad():
-      features = self.encoder(images)
-    x = torch.stack(features).mean(0)
-    x = self.dropout(self.fc2(self.dropout(F.gelu(self.fc1(self.dropout(x))))))
+    features = self.encoder(images)
+    x = self.bottleneck[0](torch.stack(features, dim=1).mean(dim=1))
     outputs = []
-    for block in self.blocks:
+    for block in self.decoder:
       x = block(x)
       outputs.append(x)
-    return _groups(features, self.fuse_groups, h, w), _groups(outputs[::-1], self.fuse_groups, h, w)
+    return (self._groups(features, h, w), self._groups(outputs[::-1], h, w))
+
+  def _groups(self, tokens, h, w):
+    maps = []
+    for group in self.fuse_groups:
+      mean = torch.stack([tokens[i] for i in group], dim=1).mean(dim=1)[:, self.prefix:]
+      maps.append(mean.permute(0, 2, 1).reshape(mean.shape[0], -1, h, w).contiguous())
+    return maps
 
   def trainable_parameters(self):
     return [p for p in self.parameters() if p.requires_grad]
 
 
-def _groups(tokens, groups, h, w):
-  maps = []
-  for group in groups:
-    mean = torch.stack([tokens[i] for i in group]).mean(0)[:, -h * w:]  # (B, h*w, D)
-    maps.append(mean.transpose(1, 2).reshape(mean.shape[0], -1, h, w))
-  return maps
+def vitill_state_dict(model: TorchDinomaly) -> dict:
+  """The model's weights under the reference ViTill's key names (encoder.*, bottleneck.0.*,
+  decoder.{i}.*), which weight_conversion converts to this project's parameters."""
+  return {k.replace("encoder.vit.", "encoder.", 1): v for k, v in model.state_dict().items()}
+
+
+def _scale_where(grad, easy, factor):
+  grad[easy.expand_as(grad)] *= factor  # in place, as the reference's hook
+  return grad
 
 
 def hard_mining_loss(enc_groups, dec_groups, p: float, easy_factor: float = 0.1):
-  """Global cosine loss; gradients of the easiest points scaled by `easy_factor`."""
-  losses = []
+  """Global cosine loss; gradients of points below the k-th largest distance scaled."""
+  total = 0.0
   for a, b in zip(enc_groups, dec_groups):
     a = a.detach()
     with torch.no_grad():
-      distance = 1 - F.cosine_similarity(a, b, dim=1)  # (B, h, w)
-      k = max(int(distance.numel() * (1 - p)), 1)
-      thresh = torch.topk(distance.reshape(-1), k=k)[0][-1]
-      factor = torch.where(distance < thresh, easy_factor, 1.0)[:, None]
+      distance = 1 - F.cosine_similarity(a, b).unsqueeze(1)  # (B, 1, h, w)
+    thresh = torch.topk(distance.reshape(-1), k=max(int(distance.numel() * (1 - p)), 1))[0][-1]
+    total = total + torch.mean(1 - F.cosine_similarity(a.reshape(a.shape[0], -1),
+                                                       b.reshape(b.shape[0], -1)))
     if b.requires_grad:
-      b.register_hook(lambda g, factor=factor: g * factor)
-    losses.append((1 - F.cosine_similarity(a.flatten(1), b.flatten(1))).mean())
-  return sum(losses) / len(losses)
+      b.register_hook(lambda g, easy=distance < thresh: _scale_where(g, easy, easy_factor))
+  return total / len(enc_groups)
+
+
+class StableAdamW(torch.optim.Optimizer):
+  """StableAdamW with AMSGrad as the reference steps it: one tensor at a time, in place."""
+
+  def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-10, weight_decay=1e-4):
+    super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+  @torch.no_grad()
+  def step(self):
+    for group in self.param_groups:
+      b1, b2 = group["betas"]
+      for p in group["params"]:
+        if p.grad is None:
+          continue
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        state = self.state[p]
+        if not state:
+          state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p),
+                       v_max=torch.zeros_like(p))
+        state["step"] += 1
+        t = state["step"]
+        state["m"].mul_(b1).add_(p.grad, alpha=1 - b1)
+        state["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+        torch.max(state["v_max"], state["v"], out=state["v_max"])
+        denom = (state["v_max"].sqrt() / math.sqrt(1 - b2**t)).add_(group["eps"])
+        rms = float((p.grad / denom).norm(2)) / p.numel()**0.5
+        p.addcdiv_(state["m"], denom, value=-group["lr"] / (1 - b1**t) / max(1.0, rms))
 
 
 def gaussian_kernel(size: int = 5, sigma: float = 4.0):
@@ -126,7 +215,7 @@ def gaussian_kernel(size: int = 5, sigma: float = 4.0):
 
 def anomaly_scores(enc_groups, dec_groups, input_size: int, map_size: int = 256,
                    top_ratio: float = 0.01, kernel=None):
-  """-> (maps (B, map_size, map_size), image scores (B,))."""
+  """The reference evaluation's maps and scores -> (maps (B, map_size, map_size), scores (B,))."""
   maps = []
   for a, b in zip(enc_groups, dec_groups):
     m = (1 - F.cosine_similarity(a, b, dim=1))[:, None]  # (B, 1, h, w)
@@ -148,28 +237,24 @@ def warm_cosine_lr(step: int, lr=2e-3, final_lr=2e-4, total=10_000, warmup=100):
 
 
 class TorchTwin:
-  """The benchmarked PyTorch calls; inputs are NHWC numpy images like the JAX side's."""
+  """The benchmarked PyTorch calls; inputs are NHWC numpy images like the JAX side's.
 
-  def __init__(self, vit, registers, target_layers, fuse_groups, depth, dropout):
-    import optimi  # pylint: disable=g-import-not-at-top
-    self.model = TorchDinomaly(vit, registers, target_layers, fuse_groups, depth, dropout)
-    self.optimizer = optimi.StableAdamW(self.model.trainable_parameters(), lr=2e-3,
-                                        betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-10)
+  attention: the encoder's "reference" (unfused, as the reference on CPU) or "sdpa";
+  compile: torch.compile the model (first calls compile).
+  """
+
+  def __init__(self, vit, registers, target_layers, fuse_groups, depth, dropout,
+               attention: str = "reference", compile: bool = False):  # pylint: disable=redefined-builtin
+    self.model = TorchDinomaly(vit, registers, target_layers, fuse_groups, depth, dropout,
+                               attention)
+    self.forward = torch.compile(self.model) if compile else self.model
+    self.optimizer = StableAdamW(self.model.trainable_parameters())
     self.kernel = gaussian_kernel()
     self.step = 0
 
   @staticmethod
   def _nchw(images):
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-
-  @staticmethod
-  def to_heads_first(x):  # (B, N, heads, head_dim) numpy -> (B, heads, N, head_dim) torch
-    return torch.from_numpy(x).transpose(1, 2).contiguous()
-
-  @staticmethod
-  def attention(q, k, v):
-    with torch.inference_mode():
-      return F.scaled_dot_product_attention(q, k, v)
 
   def encoder_forward(self, images):
     with torch.inference_mode():
@@ -178,7 +263,7 @@ class TorchTwin:
   def inference(self, images):
     self.model.eval()
     with torch.inference_mode():
-      enc_groups, dec_groups = self.model(self._nchw(images))
+      enc_groups, dec_groups = self.forward(self._nchw(images))
       return anomaly_scores(enc_groups, dec_groups, images.shape[1], kernel=self.kernel)
 
   def train_step(self, images):
@@ -186,7 +271,7 @@ class TorchTwin:
     self.model.train()
     for group in self.optimizer.param_groups:
       group["lr"] = warm_cosine_lr(self.step)
-    enc_groups, dec_groups = self.model(self._nchw(images))
+    enc_groups, dec_groups = self.forward(self._nchw(images))
     loss = hard_mining_loss(enc_groups, dec_groups, p=min(0.9 * self.step / 1000, 0.9))
     self.optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -20,8 +20,14 @@ def test_benchmark_quick_writes_json_and_markdown(tmp_path):
   (json_name,) = [n for n in names if n.endswith(".json")]
   assert json_name.replace(".json", ".md") in names
   result = json.load(open(tmp_path / json_name))
-  text = json.dumps(result)
-  assert "jax" in text and "torch" in text and "ratio" in text
+  threads = {row["threads"] for row in result["rows"]}
+  assert threads == {1, os.cpu_count()}  # each thread count in its own pinned process
+  train = [r for r in result["rows"] if r["task"] == "train"]
+  assert all(len(r["seconds"]["jax"]) == 2 and len(r["seconds"]["torch_reference"]) == 2
+             for r in train)
+  assert all(r["gflop"] > 0 and r["load_before"] >= 0 for r in result["rows"])
+  markdown = open(tmp_path / json_name.replace(".json", ".md")).read()
+  assert "## 1 thread" in markdown and "Cached encoder features" in markdown
 
 
 def test_gpu_check_smoke_runs_on_cpu(tmp_path):

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dinomaly_jax.models import activations
 from dinomaly_jax.models import structure
 
 ATTENTION_KINDS = structure.DECODER_ATTENTION_KINDS
@@ -29,10 +30,6 @@ DECODER_LN_EPS = 1e-8
 def _dense(features: int, name: str, dtype: Any, use_bias: bool = True) -> nn.Dense:
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=LINEAR_KERNEL_INIT,
                   bias_init=nn.initializers.zeros, name=name)
-
-
-def _gelu(x: jax.Array) -> jax.Array:
-  return nn.gelu(x, approximate=False)  # torch.nn.GELU default (erf form)
 
 
 def elu_feature_map(x: jax.Array) -> jax.Array:
@@ -111,7 +108,7 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x):  # (B, N, D)
-    y = _gelu(_dense(self.hidden, "fc1", self.dtype)(x))
+    y = activations.gelu(_dense(self.hidden, "fc1", self.dtype)(x))
     return _dense(x.shape[-1], "fc2", self.dtype)(y)
 
 
@@ -149,7 +146,7 @@ class SepConv(nn.Module):
   @nn.compact
   def __call__(self, x, grid_hw):  # x (B, h*w, D) patch tokens only
     b, n, d = x.shape
-    y = _gelu(_dense(2 * d, "pwconv1", self.dtype, use_bias=False)(x))
+    y = activations.gelu(_dense(2 * d, "pwconv1", self.dtype, use_bias=False)(x))
     bound = 1.0 / self.kernel  # torch Conv2d default init: U(+-1/sqrt(fan_in)), fan_in = k*k
     conv = nn.Conv(2 * d, (self.kernel, self.kernel), padding=self.kernel // 2,
                    feature_group_count=2 * d, use_bias=False, dtype=self.dtype,
@@ -182,7 +179,7 @@ class NoisyBottleneck(nn.Module):
   def __call__(self, x, *, train: bool):  # (B, N, D)
     drop = nn.Dropout(self.dropout, deterministic=not train)
     x = drop(x.astype(self.dtype))
-    x = drop(_gelu(_dense(self.ratio * x.shape[-1], "fc1", self.dtype)(x)))
+    x = drop(activations.gelu(_dense(self.ratio * x.shape[-1], "fc1", self.dtype)(x)))
     return drop(_dense(x.shape[-1] // self.ratio, "fc2", self.dtype)(x))
 
 

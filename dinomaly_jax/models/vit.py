@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dinomaly_jax.models import activations
 from dinomaly_jax.models import attention
 from dinomaly_jax.models import pos_embed as pos_embed_lib
 from dinomaly_jax.models import rope as rope_lib
@@ -50,7 +51,7 @@ class FeedForward(nn.Module):
       x1, x2 = jnp.split(nn.Dense(2 * self.hidden_dim, dtype=self.dtype, name="w12")(x), 2, axis=-1)
       hidden, out_name = nn.silu(x1) * x2, "w3"
     else:
-      hidden = nn.gelu(nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x), approximate=False)
+      hidden = activations.gelu(nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1")(x))
       out_name = "fc2"
     return nn.Dense(x.shape[-1], dtype=self.dtype, name=out_name)(hidden)
 
