@@ -89,6 +89,7 @@ def test_family_mismatch_is_refused(tmp_path):
   converted.save_params(tmp_path / "w", {"encoder": {"cls_token": np.zeros((1, 1, 384), np.float32)}},
                         dict(family="dinov3", vit="small", registers=4))
   config = importlib.import_module("configs.mvtec").get_config("vit=small")
+  config.model.registers = 4  # explicit (the configs' -1 is read from the weights by run.run)
   config.encoder_weights = str(tmp_path / "w")
   with pytest.raises(EncoderWeightsError, match=re.escape(
       "holds dinov3 ViT-small with 4 registers, but the config asks for dinov2 ViT-small with 4 "
