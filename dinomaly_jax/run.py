@@ -7,10 +7,10 @@ import copy
 import os
 
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 
 from dinomaly_jax import sharding
+from dinomaly_jax import storage
 from dinomaly_jax.config import saved
 from dinomaly_jax.config import validation
 from dinomaly_jax.data import index as data_index
@@ -22,6 +22,7 @@ from dinomaly_jax.evaluation import report
 from dinomaly_jax.inference import export
 from dinomaly_jax.inference import predict
 from dinomaly_jax.training import model_state
+from dinomaly_jax.training import preflight
 from dinomaly_jax.training import train
 from dinomaly_jax.weights import checkpoint
 from dinomaly_jax.weights import encoder_weights
@@ -54,6 +55,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def evaluate_workdir(config, workdir, step: int | None = None) -> dict:
   """Eval mode: restores the latest (or given) checkpoint of `workdir` and evaluates it."""
   records = data_index.build_records(config.data, "test")
+  preflight.check_evaluation(config)
   mesh = sharding.make_mesh()
   model, state = model_state.load_trained(config, workdir, mesh, step)
   if not saved.exists_in(workdir):  # a new work directory (a converted reference model) starts here
@@ -63,14 +65,13 @@ def evaluate_workdir(config, workdir, step: int | None = None) -> dict:
 
 
 def _use_demo_data(config, workdir) -> None:
-  """Generates the demo dataset into <workdir>/demo_data once, and points data.root at it."""
-  root = os.path.join(workdir, "demo_data")
-  if jax.process_index() == 0 and not os.path.exists(os.path.join(root, ".complete")):
+  """Generates the demo dataset once on each host's own disk, and points data.root at it:
+  <workdir>/demo_data for a local work directory, else the host's cache folder."""
+  root = (os.path.join(storage.local_cache_dir(), f"demo_data_seed{config.seed}")
+          if storage.is_url(workdir) else os.path.join(workdir, "demo_data"))
+  if not os.path.isdir(root) and jax.process_index() == 0:
     print(f"Generating the demo dataset in {root} ...", flush=True)
-    synthetic.generate(root, seed=config.seed)
-    open(os.path.join(root, ".complete"), "w").close()
-  multihost_utils.sync_global_devices("demo_data")
-  config.data.root = root
+  config.data.root = storage.make_local_once(root, lambda tmp: synthetic.generate(tmp, seed=config.seed))
 
 
 def _per_class(config, workdir, fn) -> dict:
@@ -79,13 +80,13 @@ def _per_class(config, workdir, fn) -> dict:
   for name in data_index.list_classes(config.data):
     c = copy.deepcopy(config)
     c.data.classes = (name,)
-    result = fn(c, os.path.join(workdir, name))
+    result = fn(c, storage.join(workdir, name))
     if jax.process_index() == 0:
       per_class[name] = result["classes"][name]
       inspection[name] = result["inspection"][name]
   if jax.process_index() != 0:
     return {}
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = storage.join(workdir, "eval")
   result = report.write_report(out_dir, per_class, dataset=config.data.layout,
                                extra={"random_encoder": bool(config.random_encoder)}, inspection=inspection)
   html_report.write(out_dir, result, [])  # the tables; each class's pictures are in its own report

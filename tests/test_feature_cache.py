@@ -95,25 +95,30 @@ def test_bfloat16_cache_close_to_uncached_training(records):
 
 def test_batches_follow_the_image_pipeline_and_resume():
   cache = {"bottleneck_input": np.arange(10)[:, None], "enc_groups": [np.arange(10) * 2]}
-  full = feature_cache.cached_batches(cache, batch_size=3, seed=5)
+  full = feature_cache.cached_batches(cache, num_images=10, batch_size=3, seed=5)
   first = [next(full) for _ in range(7)]
   assert all(b["bottleneck_input"].shape == (3, 1) for b in first)
   np.testing.assert_array_equal(first[4]["enc_groups"][0], 2 * first[4]["bottleneck_input"][:, 0])
   epoch = np.concatenate([b["bottleneck_input"][:, 0] for b in first[:3]])
   assert len(set(epoch)) == 9  # one epoch: 3 batches, distinct images, remainder dropped
-  resumed = next(feature_cache.cached_batches(cache, batch_size=3, seed=5, start_step=5))
+  resumed = next(feature_cache.cached_batches(cache, num_images=10, batch_size=3, seed=5,
+                                              start_step=5))
   np.testing.assert_array_equal(resumed["bottleneck_input"], first[5]["bottleneck_input"])
 
 
-def test_processes_take_slices_of_each_global_batch():
-  cache = {"bottleneck_input": np.arange(10), "enc_groups": [np.arange(10)]}
-  one = feature_cache.cached_batches(cache, batch_size=4, seed=5)
-  two = [feature_cache.cached_batches(cache, batch_size=2, seed=5, process_index=p,
-                                      process_count=2) for p in (0, 1)]
-  for _ in range(5):
-    np.testing.assert_array_equal(
-        next(one)["bottleneck_input"],
-        np.concatenate([next(two[0])["bottleneck_input"], next(two[1])["bottleneck_input"]]))
+def test_each_process_holds_its_share_and_the_blocks_sum_to_the_batch():
+  n = 11  # global batch 4: 3 batches to encode, the last padded with one blank row
+  one = feature_cache.cached_batches({"x": np.arange(n) + 1}, num_images=n, batch_size=4, seed=5)
+  held = [feature_cache.owned_rows(n, 2, p, 2) for p in (0, 1)]
+  np.testing.assert_array_equal(held[0], [0, 1, 4, 5, 8, 9])
+  np.testing.assert_array_equal(held[1], [2, 3, 6, 7, 10, -1])
+  two = [feature_cache.cached_batches({"x": np.where(h >= 0, h + 1, 0)}, num_images=n, batch_size=2,
+                                      seed=5, process_index=p, process_count=2)
+         for p, h in enumerate(held)]
+  for _ in range(7):  # across epochs (2 batches each)
+    blocks = [next(t)["x"] for t in two]
+    assert np.all((blocks[0] != 0) ^ (blocks[1] != 0))  # each row comes from exactly one process
+    np.testing.assert_array_equal(next(one)["x"], blocks[0] + blocks[1])
 
 
 def test_memory_cost_line():
@@ -123,6 +128,10 @@ def test_memory_cost_line():
   # 1234 * (14*32 + 2*9*32) values * 2 bytes = 2,527,232 bytes = 0.00235 GiB.
   assert line.startswith("Caching encoder features: 1,234 images x (14x32 bottleneck input + "
                          "2 x 3x3x32 group targets) in bfloat16 = 0.00 GiB")
+  # Two processes, batch 8 each: 78 global batches of 16, 624 rows per process.
+  line = feature_cache.describe(1234, shapes, feature_cache.cache_dtype("float32"), batch_size=8,
+                                process_count=2)
+  assert line.endswith("per process (624 rows: this process's share of 2).")
 
 
 def test_bad_cache_dtype_names_the_field():

@@ -9,17 +9,24 @@ before the levels hold {0, 1}: their ">= 0.5" pixel metrics are undefined; pack 
 Written by `python -m dinomaly_jax.data.pack` (pack.py); read through
 `make_reader` of pipeline.py when data.packed is set. The record list (paths,
 classes, labels, defect types) is stored in DIR/dinomaly_pack.json.
+
+DIR may be a URL (gs://, s3://): array_record reads local files only, so each host
+copies the pack once into its cache folder (`local_copy`), keyed by the URL and the
+pack's metadata; writing to a URL packs locally, then uploads.
 """
 from concurrent import futures
+import hashlib
 import io
 import json
 import multiprocessing
 import os
+import tempfile
 
 from etils import epath
 import numpy as np
 from PIL import Image
 
+from dinomaly_jax import storage
 from dinomaly_jax.data import transforms
 from dinomaly_jax.data.records import Record
 from dinomaly_jax.errors import DataError
@@ -54,7 +61,14 @@ def _encode(args: tuple[Record, int]) -> tuple[bytes, bytes]:
 
 def write(records: dict[str, list[Record]], out_dir: str, resize: int, workers: int = 0,
           description: str = "") -> None:
-  """Writes the records of each split as a TFDS array_record dataset in out_dir."""
+  """Writes the records of each split as a TFDS array_record dataset in out_dir (local or URL)."""
+  if storage.is_url(out_dir):
+    if storage.exists(storage.join(out_dir, METADATA_FILE)):
+      raise DataError(f"{out_dir}: already holds a packed dataset; expected a new folder.")
+    with tempfile.TemporaryDirectory(prefix="dinomaly_pack_") as tmp:
+      write(records, tmp, resize, workers, description)
+      storage.copy_tree(tmp, out_dir)
+    return
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from tensorflow_datasets.core import example_serializer  # pylint: disable=g-import-not-at-top
@@ -127,6 +141,17 @@ def read_records(packed: str, split: str, classes: list[str], data_config) -> li
   return [r for c in classes for r in records if r.class_name == c]
 
 
+def local_copy(packed: str, meta: dict) -> str:
+  """`packed` itself if local, else this host's copy of it (made once, then reused)."""
+  if not storage.is_url(packed):
+    return packed
+  key = hashlib.sha1((packed + json.dumps(meta, sort_keys=True)).encode()).hexdigest()[:16]
+  folder = os.path.join(storage.local_cache_dir(), "packs", key)
+  if not os.path.isdir(folder):
+    print(f"Copying the packed dataset {packed} to this host ({folder}), once.", flush=True)
+  return storage.make_local_once(folder, lambda tmp: storage.copy_tree(packed, tmp))
+
+
 class PackedReader:
   """Reads records from a packed dataset: (resize, resize) uint8 images and masks."""
 
@@ -137,7 +162,7 @@ class PackedReader:
     if missing:
       raise DataError(f"{missing[0]}: image not in the packed dataset {packed}; expected "
                       "records built from it.")
-    self._packed = packed
+    self._packed = local_copy(packed, meta)
     self._where = [where[r.image_path] for r in records]
     self._sources = {}
 

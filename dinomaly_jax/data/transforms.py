@@ -14,10 +14,12 @@ mode like the reference. Non-square images are squashed to resize x resize (no a
 ratio kept), as in the reference.
 """
 import dataclasses
+import io
 
 import numpy as np
 from PIL import Image
 
+from dinomaly_jax import storage
 from dinomaly_jax.errors import DataError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -40,6 +42,8 @@ class Sizes:
 def open_image(path: str) -> Image.Image:
   """Opens an image file lazily (header only); DataError if it is not an image."""
   try:
+    if storage.is_url(path):
+      return Image.open(io.BytesIO(storage.read_bytes(path)))
     return Image.open(path)
   except FileNotFoundError:
     raise DataError(f"{path}: file not found.") from None
@@ -173,8 +177,8 @@ def preprocess_mask(path: str | None, image_size: tuple[int, int], data_config) 
   return finish_mask(resize_mask(path, image_size, s.resize), s.crop, s.mask_size)
 
 
-def display_image(path: str, data_config, size: int) -> np.ndarray:
-  """The region the model sees (resize, centre crop) as RGB uint8 (size, size, 3) for pictures."""
-  s = Sizes.of(data_config)
-  crop = center_crop(resize_image(load_image(path), s.resize), s.crop)
+def display_image(resized: np.ndarray, data_config, size: int) -> np.ndarray:
+  """The region the model sees (centre crop of the (resize, resize, 3) uint8 image a
+  reader returns) as RGB uint8 (size, size, 3) for pictures."""
+  crop = center_crop(resized, Sizes.of(data_config).crop)
   return np.asarray(Image.fromarray(crop).resize((size, size), Image.BILINEAR))

@@ -10,6 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dinomaly_jax import sharding
+from dinomaly_jax import storage
 from dinomaly_jax.data import calibration as data_calibration
 from dinomaly_jax.data import index as data_index
 from dinomaly_jax.data import pipeline
@@ -88,7 +89,7 @@ def evaluate(config, workdir, model, variables, records, *, step, mesh) -> dict:
   calibration_records = _by_class(data_index.build_records(config.data, "calibration"))
   per_class, thresholds, calibrations, inspection, views = {}, {}, {}, {}, []
   pooled = {"scores": [], "labels": [], "calibration": [], "maps": [], "test_maps": []}
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = storage.join(workdir, "eval")
   for name, class_records in sorted(_by_class(records).items()):
     maps, scores, masks = predict_records(config, map_fn, variables, class_records, mesh, desc=f"eval {name}")
     if name in calibration_records:
@@ -115,7 +116,8 @@ def evaluate(config, workdir, model, variables, records, *, step, mesh) -> dict:
     inspection[name] = inspection_lib.class_results(
         scores, labels, [r.defect_type for r in class_records], cal, best["image"], per_class[name], half)
     names = [os.path.relpath(r.image_path, config.data.root or "/") for r in class_records]
-    display = lambda i, rs=class_records: transforms.display_image(rs[i].image_path, config.data, e.map_size)
+    reader = pipeline.make_reader(class_records, config.data)  # packed or folders
+    display = lambda i, rd=reader: transforms.display_image(rd.image(i), config.data, e.map_size)
     _save_pictures(config, out_dir, name, names, display, maps, masks, scores, labels, cal, best["image"])
     views.append(html_report.class_view(name, names, scores, labels, maps, masks, cal, best["image"],
                                         e.pictures_per_class, display))
@@ -129,17 +131,17 @@ def evaluate(config, workdir, model, variables, records, *, step, mesh) -> dict:
       if len(pooled["calibration"]) == len(per_class) else
       calibration.from_test_labels(all_scores, all_labels, np.concatenate(pooled["test_maps"]),
                                    thresholds[POOLED]))
-  with open(os.path.join(workdir, THRESHOLDS_FILE), "w") as f:
-    json.dump(thresholds, f, indent=2)
+  thresholds_file = storage.join(workdir, THRESHOLDS_FILE)
+  storage.write_text(thresholds_file, json.dumps(thresholds, indent=2))
   calibration_file = calibration.save(workdir, calibrations)
   extra = {"random_encoder": bool(config.random_encoder), "target_fpr": e.target_fpr,
            "calibration": data_calibration.describe(config.data)}
   result = report.write_report(out_dir, per_class, dataset=config.data.layout, extra=extra, step=step,
                                inspection=inspection)
   html_file = html_report.write(out_dir, result, views)
-  print(f"Report: {html_file} (.md, .json, .csv); pictures: {os.path.join(out_dir, 'pictures')}; "
+  print(f"Report: {html_file} (.md, .json, .csv); pictures: {storage.join(out_dir, 'pictures')}; "
         f"thresholds and normalisation: {calibration_file} (F1-optimal on the test labels, for "
-        f"comparison: {os.path.join(workdir, THRESHOLDS_FILE)})")
+        f"comparison: {thresholds_file})")
   return result
 
 
@@ -152,7 +154,7 @@ def _save_pictures(config, out_dir, name, names, display, maps, masks, scores, l
   chosen = list(order[:max(k - 1, 1)]) + list(np.nonzero(labels == 0)[0][:1])
   chosen = list(dict.fromkeys(int(i) for i in chosen))[:k]
   images = np.stack([display(i) for i in chosen])
-  pic_dir = os.path.join(out_dir, "pictures")
+  pic_dir = storage.join(out_dir, "pictures")
   pictures.save_strips(pic_dir, name, images, masks[chosen], maps[chosen], cal.threshold,
                        [names[i] for i in chosen], scale=cal.heat_range())
   pictures.save_score_plots(pic_dir, name, scores, labels, {"calibrated threshold": cal.threshold,

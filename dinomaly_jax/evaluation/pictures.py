@@ -18,6 +18,8 @@ from PIL import Image
 from scipy import ndimage
 from sklearn import metrics as skm
 
+from dinomaly_jax import storage
+
 CMAP = colormaps["jet"]
 
 
@@ -41,9 +43,8 @@ def _safe(name: str) -> str:
 
 
 def _save(fig: Figure, path: str) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   FigureCanvasAgg(fig)
-  fig.savefig(path, dpi=100)
+  storage.buffered_writer(path, lambda f: fig.savefig(f, dpi=100, format="png"))
 
 
 def save_strips(out_dir: str, class_name: str, images_uint8, masks, maps, threshold: float,
@@ -74,7 +75,7 @@ def save_strips(out_dir: str, class_name: str, images_uint8, masks, maps, thresh
       ax.axis("off")
     fig.suptitle(f"{class_name}: {name}", fontsize=9)
     fig.tight_layout()
-    path = os.path.join(out_dir, class_name, f"{i:02d}_{_safe(os.path.splitext(name)[0])}.png")
+    path = storage.join(out_dir, class_name, f"{i:02d}_{_safe(os.path.splitext(name)[0])}.png")
     _save(fig, path)
     paths.append(path)
   return paths
@@ -120,7 +121,7 @@ def score_figure(class_name: str, scores, labels, thresholds=None) -> Figure:
 
 def save_score_plots(out_dir: str, class_name: str, scores, labels, thresholds=None) -> str:
   """One PNG per class: the score_figure."""
-  path = os.path.join(out_dir, class_name, "scores.png")
+  path = storage.join(out_dir, class_name, "scores.png")
   _save(score_figure(class_name, scores, labels, thresholds), path)
   return path
 
@@ -140,6 +141,6 @@ def save_heatmap(path: str, original_uint8, full_map, threshold: float, scale=No
   if np.isfinite(threshold):
     region = amap >= threshold
     painted[region & ~ndimage.binary_erosion(region, iterations=2)] = 255  # white outline
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   # Fast zlib level: a predicted folder writes one such PNG per image.
-  Image.fromarray(np.concatenate([image[..., :3], painted], axis=1)).save(path, compress_level=1)
+  picture = Image.fromarray(np.concatenate([image[..., :3], painted], axis=1))
+  storage.buffered_writer(path, lambda f: picture.save(f, format="png", compress_level=1))

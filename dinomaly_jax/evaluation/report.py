@@ -6,10 +6,11 @@ dataset has published numbers (`reference_results`), a published row and our
 difference to it follow the mean.
 """
 import csv
+import io
 import json
 import math
-import os
 
+from dinomaly_jax import storage
 from dinomaly_jax.evaluation import inspection as inspection_lib
 from dinomaly_jax.evaluation import reference_results
 from dinomaly_jax.evaluation.metrics import METRIC_NAMES
@@ -123,15 +124,13 @@ def write_report(workdir: str, per_class: dict[str, dict[str, float]], *, datase
   result = {"dataset": dataset, "step": step, "metrics": list(METRIC_NAMES), "classes": classes,
             "mean": {m: _mean(classes, m) for m in METRIC_NAMES}, "published": published,
             "extra": dict(extra or {}), "inspection": dict(inspection or {})}
-  os.makedirs(workdir, exist_ok=True)
   print("\n".join([format_table(result), *inspection_lib.summary_lines(result["inspection"])]), flush=True)
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(_json_safe(result), f, indent=2)
-  with open(os.path.join(workdir, "report.csv"), "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["class", *METRIC_NAMES])
-    for label, values in table_rows(result):
-      writer.writerow([label, *("" if math.isnan(v) else f"{v:.4f}" for v in values)])
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(_markdown(result))
+  storage.write_text(storage.join(workdir, "report.json"), json.dumps(_json_safe(result), indent=2))
+  table = io.StringIO(newline="")
+  writer = csv.writer(table)
+  writer.writerow(["class", *METRIC_NAMES])
+  for label, values in table_rows(result):
+    writer.writerow([label, *("" if math.isnan(v) else f"{v:.4f}" for v in values)])
+  storage.write_text(storage.join(workdir, "report.csv"), table.getvalue())
+  storage.write_text(storage.join(workdir, "report.md"), _markdown(result))
   return result

@@ -11,7 +11,6 @@ or the few lines of the README.
 """
 import copy
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from dinomaly_jax import sharding
+from dinomaly_jax import storage
 from dinomaly_jax.data import transforms
 from dinomaly_jax.evaluation import calibration
 from dinomaly_jax.evaluation import evaluate
@@ -54,12 +54,11 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
   class_spec = jax.ShapeDtypeStruct((batch,), np.int32)
   exported = jax.export.export(jax.jit(inference), platforms=tuple(config.export.platforms) or None)(
       leaf_specs, image_spec, class_spec)
-  out = os.path.join(workdir, EXPORT_DIR)
+  out = storage.join(workdir, EXPORT_DIR)
   if jax.process_index() == 0:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "inference.jax_export"), "wb") as f:
-      f.write(exported.serialize())
-    np.savez(os.path.join(out, "params.npz"), *[np.asarray(x) for x in leaves])
+    storage.write_bytes(storage.join(out, "inference.jax_export"), exported.serialize())
+    storage.buffered_writer(storage.join(out, "params.npz"),
+                            lambda f: np.savez(f, *[np.asarray(x) for x in leaves]))
     info = {"input_size": crop, "resize": config.data.resize, "map_size": config.eval.map_size,
             "mean": transforms.IMAGENET_MEAN.tolist(), "std": transforms.IMAGENET_STD.tolist(),
             "layout": "NHWC float32, ImageNet-normalised",
@@ -70,7 +69,6 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
             "calibration": {n: {"threshold": c.threshold, "center": c.center, "heat_range": list(c.heat_range()),
                                 "source": c.source} for n, c in calibrations.items()},
             "platforms": list(exported.platforms), "step": int(state.step)}
-    with open(os.path.join(out, "export_info.json"), "w") as f:
-      json.dump(info, f, indent=2)
+    storage.write_text(storage.join(out, "export_info.json"), json.dumps(info, indent=2))
     print(f"Exported the inference function ({', '.join(exported.platforms)}) to {out}")
   return out

@@ -1,7 +1,9 @@
-"""Loads an exported Dinomaly inference function. Needs jax and numpy only."""
+"""Loads an exported Dinomaly inference function. Needs jax, numpy and etils only
+(etils.epath reads local paths and, with gcsfs / s3fs, gs:// and s3:// URLs)."""
+import io
 import json
-import os
 
+from etils import epath
 import jax
 import numpy as np
 
@@ -14,12 +16,11 @@ def load(export_dir: str):
   scores, normalised_maps, normalised_scores (0 = median normal image, 1 = the class's
   calibrated threshold), anomalous (score >= threshold).
   """
-  with open(os.path.join(export_dir, "inference.jax_export"), "rb") as f:
-    exported = jax.export.deserialize(bytearray(f.read()))
-  with np.load(os.path.join(export_dir, "params.npz")) as z:
+  export_dir = epath.Path(export_dir)
+  exported = jax.export.deserialize(bytearray((export_dir / "inference.jax_export").read_bytes()))
+  with np.load(io.BytesIO((export_dir / "params.npz").read_bytes())) as z:
     leaves = [z[f"arr_{i}"] for i in range(len(z.files))]
-  with open(os.path.join(export_dir, "export_info.json")) as f:
-    info = json.load(f)
+  info = json.loads((export_dir / "export_info.json").read_text())
 
   def fn(images, classes=None):
     images = np.asarray(images, np.float32)

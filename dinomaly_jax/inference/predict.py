@@ -6,7 +6,7 @@ Images of any size are resized on the host and scored in batches of one compiled
 """
 from concurrent import futures
 import csv
-import glob
+import io
 import os
 import time
 
@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dinomaly_jax import sharding
+from dinomaly_jax import storage
 from dinomaly_jax.errors import DataError
 from dinomaly_jax.evaluation import anomaly_map
 from dinomaly_jax.evaluation import calibration
@@ -29,15 +30,15 @@ OUTPUT_THREADS = 2  # heatmaps written while the device scores the next batch
 
 
 def list_images(pattern: str) -> list[str]:
-  """A folder (searched recursively) or a glob pattern -> sorted image paths."""
+  """A folder (searched recursively) or a glob pattern, local or URL -> sorted image paths."""
   if not pattern:
     raise DataError("config.predict.input is empty: give a folder or a glob of images "
                     "(--config.predict.input='/data/new/*.png').")
-  if os.path.isdir(pattern):
-    paths = glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
+  if storage.isdir(pattern):
+    paths = storage.walk_files(pattern)
   else:
-    paths = glob.glob(pattern, recursive=True)
-  paths = sorted(p for p in paths if p.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(p))
+    paths = [p for p in storage.glob(pattern) if storage.isfile(p)]
+  paths = sorted(p for p in paths if p.lower().endswith(IMAGE_EXTENSIONS))
   if not paths:
     raise DataError(f"config.predict.input: no images ({', '.join(IMAGE_EXTENSIONS)}) match {pattern!r}.")
   return paths
@@ -61,19 +62,19 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Writes predictions.csv and one heatmap PNG per image into config.predict.output."""
   paths = list_images(config.predict.input)
   thresholds = calibration.load(workdir)
-  out_dir = config.predict.output or os.path.join(workdir, "predictions")
+  out_dir = config.predict.output or storage.join(workdir, "predictions")
   mesh = sharding.make_mesh()
   model, state = model_state.load_trained(config, workdir, mesh)
-  os.makedirs(out_dir, exist_ok=True)
   rows, _ = predict_paths(config, evaluate.make_map_fn(model, config), model_state.variables(state),
                        paths, thresholds, out_dir, mesh)
-  with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+  table = io.StringIO(newline="")
+  writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+  writer.writeheader()
+  writer.writerows(rows)
+  storage.write_text(storage.join(out_dir, "predictions.csv"), table.getvalue())
   n_bad = sum(r["decision"] == "anomalous" for r in rows)
   print(f"{len(rows)} images: {n_bad} anomalous, {len(rows) - n_bad} normal -> "
-        f"{os.path.join(out_dir, 'predictions.csv')}")
+        f"{storage.join(out_dir, 'predictions.csv')}")
   return rows
 
 
@@ -95,7 +96,7 @@ def predict_paths(config, map_fn, variables, paths, thresholds, out_dir, mesh) -
       for path, original, amap, score in zip(chunk, originals, maps, scores):
         class_name, cal = _threshold_for(path, config.predict.class_name, thresholds)
         rel = os.path.splitext(os.path.relpath(path, common))[0]  # mirrors the input folders
-        outputs.append(pool.submit(_write_outputs, config, os.path.join(out_dir, rel), path, original,
+        outputs.append(pool.submit(_write_outputs, config, storage.join(out_dir, rel), path, original,
                                    amap, float(score), class_name, cal))
     rows = [f.result() for f in outputs]
   seconds = time.perf_counter() - compiled
@@ -107,11 +108,10 @@ def predict_paths(config, map_fn, variables, paths, thresholds, out_dir, mesh) -
 def _write_outputs(config, stem, path, original, amap, score, class_name, cal) -> dict:
   """The heatmap PNG (and map .npy) of one image at its original resolution -> its CSV row."""
   heatmap = stem + "_heatmap.png"
-  os.makedirs(os.path.dirname(heatmap), exist_ok=True)
   full = np.asarray(anomaly_map.full_resolution_map(amap[None], original.shape[:2], config.data)[0])
   pictures.save_heatmap(heatmap, original, full, cal.threshold, scale=cal.heat_range())
   if config.predict.save_maps:
-    np.save(stem + "_map.npy", full.astype(np.float32))
+    storage.buffered_writer(stem + "_map.npy", lambda f: np.save(f, full.astype(np.float32)))
   return {"image": path, "class": class_name, "score": score,
           "normalised_score": float(cal.normalise(score)), "threshold": cal.threshold,
           "threshold_from": cal.source, "decision": "anomalous" if score >= cal.threshold else "normal",

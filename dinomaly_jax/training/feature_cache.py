@@ -3,16 +3,22 @@
 With no augmentation and a frozen encoder, an image's bottleneck input (mean of the
 target layers over all tokens, (N, D)) and its group targets (one (h, w, D) map per
 fuse group) never change. `config.data.cache_features` computes them once, keeps them
-in host memory (all rows on every process) in `config.data.cache_dtype` (bfloat16 by default: half the memory,
+in host memory in `config.data.cache_dtype` (bfloat16 by default: half the memory,
 about 3 significant digits; float32 reproduces the uncached run to float noise), and
 trains the bottleneck and decoder from them through the train step's `from_features`
 path, batch for batch in the same shuffled order as the image pipeline.
+
+Sharded over hosts: each process keeps only the rows it encoded (`owned_rows`: with
+global batch G = B x P, row r belongs to process (r mod G) // B), about 1/P of the
+cache. At each step every process puts the rows it owns of the global batch at their
+positions in a (G, ...) block of zeros (`cached_batches`); `assemble` sums the P blocks
+on the devices (one reduce-scatter) into the global batch split on "data". So the
+batches are the image pipeline's, exactly, for any number of processes.
 """
 import itertools
 
 import grain
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -42,93 +48,130 @@ def feature_shapes(model: Dinomaly, image_hw) -> dict:
           "enc_groups": [(h, w, dim)] * len(model.fuse_groups)}
 
 
-def describe(num_images: int, shapes: dict, dtype) -> str:
-  """One line with the cache's size, e.g. 'caching 1,234 images x ... = 3.2 GiB'."""
-  per_image = sum(int(np.prod(s)) for s in jax.tree.leaves(shapes, is_leaf=_is_shape))
-  total = num_images * per_image * np.dtype(dtype).itemsize
+def bytes_per_image(shapes: dict, dtype) -> int:
+  return sum(int(np.prod(s)) for s in jax.tree.leaves(shapes, is_leaf=_is_shape)) * np.dtype(dtype).itemsize
+
+
+def rows_per_process(num_images: int, batch_size: int, process_count: int) -> int:
+  """Rows each process holds: B per global batch, the last one padded (batch_size per process)."""
+  return -(-num_images // (batch_size * process_count)) * batch_size
+
+
+def describe(num_images: int, shapes: dict, dtype, *, batch_size: int = 1,
+             process_count: int = 1) -> str:
+  """One line with the cache's size per host, e.g. 'caching 1,234 images x ... = 3.2 GiB'."""
+  rows = rows_per_process(num_images, batch_size, process_count)
+  total = rows * bytes_per_image(shapes, dtype)
   groups = shapes["enc_groups"]
   parts = " + ".join(["x".join(map(str, shapes["bottleneck_input"])) + " bottleneck input",
                       f"{len(groups)} x " + "x".join(map(str, groups[0])) + " group targets"])
+  share = f" ({rows:,} rows: this process's share of {process_count})" if process_count > 1 else ""
   return (f"Caching encoder features: {num_images:,} images x ({parts}) in "
-          f"{np.dtype(dtype).name} = {total / 2**30:.2f} GiB of host memory per process.")
+          f"{np.dtype(dtype).name} = {total / 2**30:.2f} GiB of host memory per process{share}.")
 
 
 def _is_shape(x) -> bool:
   return isinstance(x, tuple)
 
 
-def to_host(features, dtype_name: str):
-  """Pytree of global arrays -> every row, on every process, as numpy in the cache dtype."""
-  dtype = cache_dtype(dtype_name)
-  return jax.tree.map(
-      lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)).astype(dtype),
-      features)
+def owned_rows(num_images: int, batch_size: int, process_index: int = 0,
+               process_count: int = 1) -> np.ndarray:
+  """The row ids process p holds, in its storage order (-1: padding past the last image).
+
+  Row r of global batch g = r // G sits at position r mod G; the devices of process
+  (r mod G) // B encode it, so that process keeps it.
+  """
+  g = np.arange(rows_per_process(num_images, batch_size, process_count) // batch_size)
+  rows = (g[:, None] * batch_size * process_count + process_index * batch_size
+          + np.arange(batch_size)[None, :]).reshape(-1)
+  return np.where(rows < num_images, rows, -1)
 
 
 def build_cache(model: Dinomaly, encoder_params, records, data_config, mesh, *, batch_size: int,
                 process_index: int = 0, process_count: int = 1) -> dict:
-  """Encodes every record once, in order; every process keeps every row (the image
-  pipeline may hand any record to any process).
+  """Encodes every record once, in order; each process keeps the rows it encoded.
 
   batch_size is the per-process batch: process p encodes rows [p*B, (p+1)*B) of each
-  global batch. Returns {"bottleneck_input": (n, N, D), "enc_groups": [(n, h, w, D), ...]}
-  numpy arrays in data_config.cache_dtype.
+  global batch. Returns {"bottleneck_input": (m, N, D), "enc_groups": [(m, h, w, D), ...]}
+  numpy arrays in data_config.cache_dtype, m = rows_per_process (rows in `owned_rows` order).
   """
   dtype = cache_dtype(data_config.cache_dtype)
   sizes = transforms.Sizes.of(data_config)
   shapes = feature_shapes(model, (sizes.crop, sizes.crop))
-  print(describe(len(records), shapes, dtype), flush=True)
-  cache = jax.tree.map(lambda s: np.empty((len(records), *s), dtype), shapes, is_leaf=_is_shape)
-
-  global_batch = batch_size * process_count
-  num_batches = -(-len(records) // global_batch)  # the last one padded with blank images
-  positions = [g * global_batch + process_index * batch_size + j
-               for g in range(num_batches) for j in range(batch_size)]
+  if process_index == 0:
+    print(describe(len(records), shapes, dtype, batch_size=batch_size, process_count=process_count),
+          flush=True)
+  positions = owned_rows(len(records), batch_size, process_index, process_count)
+  cache = jax.tree.map(lambda s: np.empty((len(positions), *s), dtype), shapes, is_leaf=_is_shape)
   reader = pipeline.make_reader(records, data_config)
   blank = np.zeros((sizes.crop, sizes.crop, 3), np.float32)
-  load = lambda i: (transforms.normalize_crop(reader.image(int(i)), sizes.crop)
-                    if i < len(records) else blank)
-  images = (grain.MapDataset.source(positions).map(load).batch(batch_size)
+  load = lambda i: (transforms.normalize_crop(reader.image(int(i)), sizes.crop) if i >= 0 else blank)
+  images = (grain.MapDataset.source(list(positions)).map(load).batch(batch_size)
             .to_iter_dataset(grain.ReadOptions(num_threads=pipeline.IN_PROCESS_THREADS,
                                                prefetch_buffer_size=2)))
   encode = jax.jit(lambda p, x: model.apply({"params": {"encoder": p}}, x, method=Dinomaly.encode))
   for g, batch in enumerate(images):
     bottleneck_input, enc_groups = encode(encoder_params,
                                           sharding.global_batch({"x": batch}, mesh)["x"])
-    rows = to_host({"bottleneck_input": bottleneck_input, "enc_groups": enc_groups},
-                   data_config.cache_dtype)
-    start = g * global_batch
-    stop = min(start + global_batch, len(records))
+    rows = jax.tree.map(lambda x: _local_rows(x).astype(dtype),
+                        {"bottleneck_input": bottleneck_input, "enc_groups": enc_groups})
     for cached, new_rows in zip(jax.tree.leaves(cache), jax.tree.leaves(rows)):
-      cached[start:stop] = new_rows[:stop - start]
+      cached[g * batch_size:(g + 1) * batch_size] = new_rows
   return cache
 
 
-def cached_batches(cache: dict, *, batch_size: int, seed: int, start_step: int = 0,
-                   process_index: int = 0, process_count: int = 1):
-  """Endless per-process batches of cached rows, in the order of pipeline.train_iterator:
-  a seeded shuffle of all rows per epoch, global batches (remainder dropped), process p
-  taking rows [p*B, (p+1)*B) of each."""
-  num = cache["bottleneck_input"].shape[0]
-  order = (grain.MapDataset.range(num).shuffle(seed=seed % 2**32)
-           .batch(batch_size * process_count, drop_remainder=True).repeat())[start_step:]
-  mine = slice(process_index * batch_size, (process_index + 1) * batch_size)
+def _local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a global array split on its leading axis, in order."""
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def cached_batches(cache: dict, *, num_images: int, batch_size: int, seed: int,
+                   start_step: int = 0, process_index: int = 0, process_count: int = 1):
+  """Endless (G, ...) blocks, G = batch_size x process_count, in the order of
+  pipeline.train_iterator (a seeded shuffle of all rows per epoch, global batches,
+  remainder dropped): the rows of each global batch that this process holds, at their
+  positions, zeros elsewhere. Summed over processes (`assemble`) they are the batch."""
+  global_batch = batch_size * process_count
+  order = (grain.MapDataset.range(num_images).shuffle(seed=seed % 2**32)
+           .batch(global_batch, drop_remainder=True).repeat())[start_step:]
+  slot = np.full(num_images, -1)  # row id -> its index in this process's cache
+  held = owned_rows(num_images, batch_size, process_index, process_count)
+  slot[held[held >= 0]] = np.nonzero(held >= 0)[0]
   for step in itertools.count():
-    rows = np.asarray(order[step])[mine]
-    yield jax.tree.map(lambda c, rows=rows: c[rows], cache)
+    rows = slot[np.asarray(order[step])]  # (G,) -1 where another process holds the row
+    mine = rows >= 0
+
+    def block(c, rows=rows, mine=mine):
+      out = np.zeros((global_batch, *c.shape[1:]), c.dtype)
+      out[mine] = c[rows[mine]]
+      return out
+
+    yield jax.tree.map(block, cache)
 
 
-@jax.jit
-def to_float32(batch):
-  return jax.tree.map(lambda x: x.astype(jnp.float32), batch)
+def make_assemble(mesh, process_count: int):
+  """jit: the processes' (G, ...) blocks, as one global (P*G, ...) array split on "data",
+  -> the global batch (G, ...) in float32 split on "data" (a sum: each row is nonzero in
+  exactly one block, so it is exact)."""
+  out = sharding.data_sharding(mesh)
+
+  @jax.jit
+  def assemble(blocks):
+    def one(x):
+      summed = x.reshape(process_count, -1, *x.shape[1:]).astype(jnp.float32).sum(0)
+      return jax.lax.with_sharding_constraint(summed, out)
+    return jax.tree.map(one, blocks)
+
+  return assemble
 
 
 def cached_training(config, model: Dinomaly, encoder_params, records, mesh, start_step: int = 0):
   """(batches, step_fn) to use in place of the image pipeline and the image train step.
 
-  batches yields this process's host-local feature batches (pass them through
-  sharding.global_batch like image batches); step_fn(state, global_batch) casts them
-  to float32 on the device and runs the from_features train step.
+  batches yields this process's host-local (G, ...) feature blocks (pass them through
+  sharding.global_batch like image batches); step_fn(state, global_blocks) assembles
+  them into the float32 global batch on the devices and runs the from_features train step.
   """
   n_proc, p_index = jax.process_count(), jax.process_index()
   local_batch = config.train.batch_size // n_proc
@@ -137,7 +180,14 @@ def cached_training(config, model: Dinomaly, encoder_params, records, mesh, star
                     f"{config.train.batch_size}; use a smaller config.train.batch_size.")
   cache = build_cache(model, encoder_params, records, config.data, mesh, batch_size=local_batch,
                       process_index=p_index, process_count=n_proc)
-  batches = cached_batches(cache, batch_size=local_batch, seed=config.seed, start_step=start_step,
-                           process_index=p_index, process_count=n_proc)
+  batches = cached_batches(cache, num_images=len(records), batch_size=local_batch, seed=config.seed,
+                           start_step=start_step, process_index=p_index, process_count=n_proc)
+  return batches, make_cached_step(model, config, mesh)
+
+
+def make_cached_step(model: Dinomaly, config, mesh):
+  """step_fn(state, global_blocks): assembles the processes' feature blocks into the float32
+  global batch on the devices and runs the from_features train step (optimizer from config.train)."""
   step = train_step.make_train_step(model, config, mesh, from_features=True)
-  return batches, lambda state, batch: step(state, to_float32(batch))
+  assemble = make_assemble(mesh, jax.process_count())
+  return lambda state, blocks: step(state, assemble(blocks))

@@ -1,10 +1,9 @@
 """Builds the model and its state for a config, fresh or restored from a work directory."""
-import os
-
 import jax
 import ml_collections
 
 from dinomaly_jax import sharding
+from dinomaly_jax import storage
 from dinomaly_jax.models import dinomaly
 from dinomaly_jax.training import train_step
 from dinomaly_jax.weights import checkpoint
@@ -28,6 +27,18 @@ def build(config: ml_collections.ConfigDict):
   return model, state, "decoder" in pretrained
 
 
+def encoder_source(config: ml_collections.ConfigDict) -> str:
+  """What the encoder was loaded from, in words (named when a resume is refused)."""
+  return f"random (seed {config.seed})" if config.random_encoder else config.encoder_weights
+
+
+def check_encoder(config: ml_collections.ConfigDict, workdir: str, state) -> str:
+  """Refuses an encoder other than the one the work directory was trained with; its fingerprint."""
+  fingerprint = checkpoint.encoder_fingerprint(state.encoder_params)
+  checkpoint.check_encoder(workdir, fingerprint, encoder_source(config))
+  return fingerprint
+
+
 def variables(state) -> dict:
   """The Dinomaly module's variables: frozen encoder + trained bottleneck and decoder."""
   return {"params": {"encoder": state.encoder_params, **state.params}}
@@ -41,8 +52,9 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, mesh, step: in
   """
   checkpoint.check_compatible(workdir, config)
   model, state, trained = build(config)
+  check_encoder(config, workdir, state)
   state = sharding.replicate(state, mesh)
-  if not os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):
+  if not storage.isdir(storage.join(workdir, checkpoint.CHECKPOINT_DIR)):
     if trained:
       return model, state
     raise FileNotFoundError(

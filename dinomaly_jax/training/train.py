@@ -11,13 +11,13 @@ from tqdm import tqdm
 from dinomaly_jax import sharding
 from dinomaly_jax.data import index as data_index
 from dinomaly_jax.data import pipeline
-from dinomaly_jax.errors import ConfigError
 from dinomaly_jax.errors import Interrupted
 from dinomaly_jax.evaluation import evaluate
 from dinomaly_jax.training import feature_cache
 from dinomaly_jax.training import interrupt
 from dinomaly_jax.training import metric_writer
 from dinomaly_jax.training import model_state
+from dinomaly_jax.training import preflight
 from dinomaly_jax.training import spike_guard
 from dinomaly_jax.training import train_step
 from dinomaly_jax.weights import checkpoint
@@ -30,19 +30,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpoint.check_compatible(workdir, config)
   records = data_index.build_records(config.data, "train")
   test_records = data_index.build_records(config.data, "test")  # fail early on bad test data
+  preflight.check_training(config, len(records))
   mesh = sharding.make_mesh()
   model, state, _ = model_state.build(config)
-  n_proc, batch = jax.process_count(), config.train.batch_size
-  if batch % n_proc:
-    raise ConfigError(
-        f"config.train.batch_size must be divisible by the number of processes ({n_proc}), got {batch}.")
+  fingerprint = model_state.check_encoder(config, workdir, state)
   checkpoint.save_config(workdir, config)  # every check passed: the work directory starts here
+  checkpoint.save_encoder(workdir, fingerprint, model_state.encoder_source(config))
   state = sharding.replicate(state, mesh)
   mngr = checkpoint.manager(workdir, config)
   start = mngr.latest_step() or 0
   if start:
     state = checkpoint.restore(mngr, state, start)
     _log(f"Resumed from the checkpoint of step {start} in {workdir}.")
+  n_proc, batch = jax.process_count(), config.train.batch_size
   guard = spike_guard.SpikeGuard(config.train, workdir, write=jax.process_index() == 0)
   position = start + guard.data_offset  # batches skipped by earlier rollbacks
   if config.data.cache_features:
@@ -179,8 +179,7 @@ def _step_fn(model, config, mesh, lr_scale: float):
     config.train.lr *= lr_scale
     config.train.final_lr *= lr_scale
   if config.data.cache_features:
-    step = train_step.make_train_step(model, config, mesh, from_features=True)
-    return lambda state, batch: step(state, feature_cache.to_float32(batch))
+    return feature_cache.make_cached_step(model, config, mesh)
   return train_step.make_train_step(model, config, mesh)
 
 

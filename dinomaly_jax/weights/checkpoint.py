@@ -2,20 +2,28 @@
 
 The frozen encoder is not checkpointed: it is reloaded from `config.encoder_weights`
 (or re-created from the seed for random-encoder runs), so a checkpoint holds only
-the step, bottleneck + decoder parameters, optimizer state and RNG.
+the step, bottleneck + decoder parameters, optimizer state and RNG. Its identity is:
+a fingerprint of the encoder parameters is stored beside the checkpoints
+(encoder.json) and a run that continues or evaluates them with other weights is refused.
+
+Every path goes through `storage` (local or gs:// / s3://); shared files are written
+by process 0 atomically and read after a barrier.
 """
+import hashlib
 import json
-import os
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
+from dinomaly_jax import storage
 from dinomaly_jax.config.saved import CONFIG_FILE
 from dinomaly_jax.config.saved import is_free_field
 from dinomaly_jax.errors import IncompatibleWorkdirError
 
 CHECKPOINT_DIR = "checkpoints"
+ENCODER_FILE = "encoder.json"
 
 
 def _flatten(d, prefix=""):
@@ -34,11 +42,10 @@ def _as_plain(config: ml_collections.ConfigDict) -> dict:
 
 def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Refuses a work directory whose saved config differs in a field that matters."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = storage.join(workdir, CONFIG_FILE)
+  if not storage.exists(path):
     return
-  with open(path) as f:
-    saved = _flatten(json.load(f))
+  saved = _flatten(json.loads(storage.read_text(path)))
   saved.setdefault("model.family", "dinov2")  # runs saved before DINOv3 support were DINOv2
   saved.setdefault("data.calibration.fraction", 0.0)  # runs saved before the calibration split
   now = _flatten(_as_plain(config))
@@ -53,10 +60,38 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(config.to_json(indent=2))
+  """Process 0 writes config.json atomically; every process returns once it is written."""
+  storage.write_shared(storage.join(workdir, CONFIG_FILE), config.to_json(indent=2), "config.json")
+
+
+def encoder_fingerprint(encoder_params) -> str:
+  """sha256 (16 hex digits) over the encoder parameters' paths, shapes, dtypes and bytes."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(encoder_params))[0]:
+    leaf = np.ascontiguousarray(leaf)
+    h.update(f"{jax.tree_util.keystr(path)}:{leaf.shape}:{leaf.dtype};".encode())
+    h.update(leaf.tobytes())
+  return h.hexdigest()[:16]
+
+
+def check_encoder(workdir: str, fingerprint: str, source: str) -> None:
+  """Refuses encoder weights other than those the work directory's checkpoints were trained with."""
+  path = storage.join(workdir, ENCODER_FILE)
+  if not storage.exists(path):
+    return
+  saved = json.loads(storage.read_text(path))
+  if saved["fingerprint"] != fingerprint:
+    raise IncompatibleWorkdirError(
+        f"config.encoder_weights: the checkpoints in {workdir} were trained with the encoder "
+        f"{saved['source']} (fingerprint {saved['fingerprint']}), but this run loads "
+        f"{source} (fingerprint {fingerprint}); set config.encoder_weights back to "
+        f"{saved['source']}, or use a new --workdir.")
+
+
+def save_encoder(workdir: str, fingerprint: str, source: str) -> None:
+  """Records the encoder of this work directory's checkpoints (process 0, atomic, then a barrier)."""
+  info = {"fingerprint": fingerprint, "source": source}
+  storage.write_shared(storage.join(workdir, ENCODER_FILE), json.dumps(info, indent=2), "encoder.json")
 
 
 def manager(workdir: str, config: ml_collections.ConfigDict, *, read_only=False) -> ocp.CheckpointManager:
@@ -65,7 +100,8 @@ def manager(workdir: str, config: ml_collections.ConfigDict, *, read_only=False)
                                            max_to_keep=None, enable_async_checkpointing=False)
   else:
     options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)), options=options)
+  return ocp.CheckpointManager(storage.absolute(storage.join(workdir, CHECKPOINT_DIR)),
+                                options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:

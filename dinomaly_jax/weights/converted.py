@@ -7,7 +7,10 @@ The saved tree is `{"encoder": ...}` for DINOv2 checkpoints and
 import json
 import pathlib
 
+from etils import epath
 import orbax.checkpoint as ocp
+
+from dinomaly_jax import storage
 
 from dinomaly_jax.weights import convert
 
@@ -16,29 +19,29 @@ META_FILE = "meta.json"
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 
-def save_params(out_dir, tree: dict, meta: dict) -> pathlib.Path:
+def save_params(out_dir, tree: dict, meta: dict) -> epath.Path:
   """Writes `tree` with orbax and `meta` as JSON into `out_dir` (overwriting)."""
-  out_dir = pathlib.Path(out_dir).absolute()
-  out_dir.mkdir(parents=True, exist_ok=True)
+  out_dir = epath.Path(storage.absolute(out_dir))
+  storage.makedirs(out_dir)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(out_dir / PARAMS_DIR, tree, force=True)
-  (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+  storage.write_text(out_dir / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
   return out_dir
 
 
 def read_meta(path) -> dict:
   """The meta.json of a directory written by `save_params` (vit, registers, source)."""
-  path = pathlib.Path(path).absolute()
-  if not (path / META_FILE).is_file() or not (path / PARAMS_DIR).is_dir():
+  path = epath.Path(storage.absolute(path))
+  if not storage.isfile(path / META_FILE) or not storage.isdir(path / PARAMS_DIR):
     raise FileNotFoundError(
         f"{path} is not a converted parameter directory (expected {META_FILE} and {PARAMS_DIR}/); "
         "create one with: python -m weight_conversion.convert --checkpoint FILE --out DIR")
-  return json.loads((path / META_FILE).read_text())
+  return json.loads(storage.read_text(path / META_FILE))
 
 
 def load_params(path) -> tuple[dict, dict]:
   """Reads a directory written by `save_params`: (tree of numpy arrays, meta)."""
-  path = pathlib.Path(path).absolute()
+  path = epath.Path(storage.absolute(path))
   meta = read_meta(path)
   with ocp.StandardCheckpointer() as checkpointer:
     tree = checkpointer.restore(path / PARAMS_DIR)

@@ -1,9 +1,11 @@
 """The frozen encoder's parameters: a converted directory, an official .pth, or random."""
 import hashlib
 import os
+import shutil
 
 import ml_collections
 
+from dinomaly_jax import storage
 from dinomaly_jax.config import defaults
 from dinomaly_jax.errors import CheckpointError
 from dinomaly_jax.errors import ConfigError
@@ -17,10 +19,6 @@ HOW_TO_GET_WEIGHTS = (
     "official .pth itself (converted once and cached); DINOv3: download the official .pth or the "
     "Hugging Face facebook/dinov3-* model.safetensors yourself (Meta's license) and use it the same "
     "way; only the demo runs with random encoder weights (config.random_encoder=True).")
-
-
-def cache_dir() -> str:
-  return os.environ.get("DINOMALY_JAX_CACHE", os.path.expanduser("~/.cache/dinomaly_jax"))
 
 
 def load_pretrained(config: ml_collections.ConfigDict) -> dict:
@@ -78,21 +76,36 @@ def _converted_dir(config: ml_collections.ConfigDict) -> str:
   path = config.encoder_weights
   if not path:
     raise EncoderWeightsError(f"config.encoder_weights is empty: {HOW_TO_GET_WEIGHTS}")
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise EncoderWeightsError(f"config.encoder_weights: {path} does not exist; {HOW_TO_GET_WEIGHTS}")
-  return _convert_cached(path) if os.path.isfile(path) else path
+  return _convert_cached(path) if storage.isfile(path) else path
 
 
 def _convert_cached(checkpoint: str) -> str:
-  """Converts a PyTorch checkpoint once; later runs reuse the converted directory."""
-  stat = os.stat(checkpoint)
-  key = hashlib.sha1(f"{os.path.abspath(checkpoint)}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-  out = os.path.join(cache_dir(), f"{os.path.basename(checkpoint)}-{key}")
-  if not os.path.exists(os.path.join(out, converted.META_FILE)):
+  """Converts a PyTorch checkpoint (local or URL) once per host; later runs reuse the
+  converted directory in the host's cache folder."""
+  if storage.is_url(checkpoint):
+    source = f"{checkpoint}:{storage.size(checkpoint)}"
+  else:
+    stat = os.stat(checkpoint)
+    source = f"{os.path.abspath(checkpoint)}:{stat.st_size}:{stat.st_mtime_ns}"
+  key = hashlib.sha1(source.encode()).hexdigest()[:16]
+  name = os.path.basename(checkpoint.rstrip("/"))
+  out = os.path.join(storage.local_cache_dir(), f"{name}-{key}")
+
+  def convert_into(tmp: str) -> None:
     print(f"Converting {checkpoint} -> {out} (once; cached for later runs)", flush=True)
+    local = checkpoint
+    if storage.is_url(checkpoint):  # torch reads local files
+      local = os.path.join(tmp + "-download", name)
+      storage.write_bytes(local, storage.read_bytes(checkpoint))
     try:
-      tree, meta = convert.convert_file(checkpoint)
+      tree, meta = convert.convert_file(local)
     except CheckpointError as e:
       raise EncoderWeightsError(f"config.encoder_weights: {e}") from None
-    converted.save_params(out, tree, meta)
-  return out
+    finally:
+      if local != checkpoint:
+        shutil.rmtree(os.path.dirname(local), ignore_errors=True)
+    converted.save_params(tmp, tree, meta)
+
+  return storage.make_local_once(out, convert_into)

@@ -1,0 +1,125 @@
+"""Work directories, packs, weights and prediction inputs on an object store (a GCS emulator).
+
+The README's pod recipe, run as written: every command is the real command line, with
+its paths on gs://; the two-process run has only the pack (the image folders are
+deleted) and each process its own cache folder (its "local disk").
+"""
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from etils import epath
+import numpy as np
+import portpicker
+import pytest
+
+from dinomaly_jax.data import transforms
+from dinomaly_jax.inference import exported_model
+from tests import main_helpers
+from tests import object_store
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = f"gs://{object_store.BUCKET}"
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  with object_store.gcs_emulator() as env, object_store.environment(env):
+    yield env
+
+
+def _start(args, env, cache, extra_env=None):
+  cmd = [sys.executable, *args]
+  full_env = dict(os.environ, JAX_PLATFORMS="cpu", DINOMALY_JAX_CACHE=str(cache), **env,
+                  **(extra_env or {}))
+  return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, ok=True):
+  out, _ = proc.communicate(timeout=600)
+  assert (proc.returncode == 0) == ok, out
+  return out
+
+
+def _main(config_arg, workdir, *flags):
+  return ["-m", "dinomaly_jax.main", f"--config=tests/tiny_config.py:{config_arg}",
+          f"--workdir={workdir}", *flags]
+
+
+def _names(url):
+  return {p.name for p in epath.Path(url).iterdir()} if epath.Path(url).exists() else set()
+
+
+def test_train_resume_predict_export_with_the_workdir_on_gcs(gcs, tmp_path):
+  root = main_helpers.tiny_dataset(tmp_path / "data")
+  workdir = f"{RUN}/single"
+  cache = tmp_path / "cache"
+  first = _finish(_start(_main(root, workdir, "--config.train.stop_after=3"), gcs, cache))
+  assert "Stopped after step 3" in first
+  assert _names(f"{workdir}/checkpoints") == {"3"}
+  resumed = _finish(_start(_main(root, workdir), gcs, cache))
+  assert "Resumed from the checkpoint of step 3" in resumed and "I-AUROC" in resumed
+  assert {"config.json", "encoder.json", "metrics.jsonl", "thresholds.json", "checkpoints",
+          "tensorboard", "eval"} <= _names(workdir)
+  assert _names(f"{workdir}/checkpoints") == {"3", "6"}
+  steps = [json.loads(line)["step"] for line in epath.Path(f"{workdir}/metrics.jsonl").read_text().splitlines()]
+  assert steps == [2, 3, 3, 4, 6, 6]  # 2 and 3 before the stop (3: logs + eval/), 4 and 6 after
+  assert len([n for n in _names(f"{workdir}/tensorboard") if n.startswith("events.")]) == 2
+  report = json.loads(epath.Path(f"{workdir}/eval/report.json").read_text())
+  assert report["step"] == 6 and set(report["classes"]) == {"brick", "nut"}
+  assert "scores.png" in _names(f"{workdir}/eval/pictures/brick")
+
+  # Prediction inputs and outputs on the object store, export read back from it.
+  for name in ("000.png", "001.png"):
+    (epath.Path(f"{RUN}/new/nut") / name).write_bytes((root / "nut" / "test" / "good" / name).read_bytes())
+  _finish(_start(_main(root, workdir, "--mode=predict", f"--config.predict.input={RUN}/new/*/*.png"),
+                 gcs, cache))
+  rows = list(csv.DictReader(io.StringIO(epath.Path(f"{workdir}/predictions/predictions.csv").read_text())))
+  assert [r["image"] for r in rows] == [f"{RUN}/new/nut/000.png", f"{RUN}/new/nut/001.png"]
+  assert all(r["class"] == "nut" and epath.Path(r["heatmap"]).exists() for r in rows)
+  _finish(_start(_main(root, workdir, "--mode=export"), gcs, cache))
+  fn, info = exported_model.load(f"{workdir}/export")
+  image = transforms.preprocess_image(transforms.load_image(rows[0]["image"]), main_helpers.tiny_config(root).data)
+  _, scores = fn(image[None])
+  assert info["step"] == 6
+  # The exported function scores the image as predict did (same weights, XLA attention).
+  np.testing.assert_allclose(np.asarray(scores)[0], float(rows[0]["score"]), rtol=1e-4)
+  assert not os.path.exists(os.path.join(REPO, "gs:"))  # nothing landed in a local "gs:" folder
+
+
+def test_two_pack_only_hosts_with_the_workdir_on_gcs(gcs, tmp_path):
+  root = main_helpers.tiny_dataset(tmp_path / "data")
+  pack = f"{RUN}/pack"
+  out = _finish(_start(["-m", "dinomaly_jax.data.pack", f"--config=tests/tiny_config.py:{root}",
+                        f"--out={pack}", "--workers=0"], gcs, tmp_path / "cache_packer"))
+  assert "Packed" in out
+  shutil.rmtree(root)  # the hosts have the pack only
+  workdir = f"{RUN}/pod"
+  flags = [f"--config.data.packed={pack}", "--config.data.cache_features=True"]
+
+  def two_processes(*extra):
+    port = portpicker.pick_unused_port()
+    procs = [_start(_main(root, workdir, *flags, *extra), gcs, tmp_path / f"host{i}",
+                    {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                     "JAX_PROCESS_ID": str(i)})
+             for i in range(2)]
+    return [_finish(p) for p in procs]
+
+  first = two_processes("--config.train.stop_after=3")
+  assert "Stopped after step 3" in first[0]
+  # Each host holds half of the 16 cached rows (2 global batches of 8 = 4 + 4 per host).
+  assert "per process (8 rows: this process's share of 2)" in first[0]
+  resumed = two_processes()
+  assert "Resumed from the checkpoint of step 3" in resumed[0] and "I-AUROC" in resumed[0]
+  assert "I-AUROC" not in resumed[1]  # process 0 alone writes the report
+  for host in (0, 1):  # each host made its own copy of the pack, on its own disk
+    assert os.listdir(tmp_path / f"host{host}" / "packs")
+  report = json.loads(epath.Path(f"{workdir}/eval/report.json").read_text())
+  assert report["step"] == 6 and set(report["classes"]) == {"brick", "nut"}
+  assert {"00_brick_test_crack_000.png", "scores.png"} <= _names(f"{workdir}/eval/pictures/brick")
+  assert _names(f"{workdir}/checkpoints") == {"3", "6"}
