@@ -68,7 +68,7 @@ def test_train_resume_predict_export_with_the_workdir_on_gcs(gcs, tmp_path):
           "tensorboard", "eval"} <= _names(workdir)
   assert _names(f"{workdir}/checkpoints") == {"3", "6"}
   steps = [json.loads(line)["step"] for line in epath.Path(f"{workdir}/metrics.jsonl").read_text().splitlines()]
-  assert steps == [2, 3, 3, 4, 6, 6]  # 2 and 3 before the stop (3: logs + eval/), 4 and 6 after
+  assert steps == [2, 3, 4, 6, 6]  # 2 and 3 before the stop, 4 and 6 after (6: losses, eval/)
   assert len([n for n in _names(f"{workdir}/tensorboard") if n.startswith("events.")]) == 2
   report = json.loads(epath.Path(f"{workdir}/eval/report.json").read_text())
   assert report["step"] == 6 and set(report["classes"]) == {"brick", "nut"}
@@ -76,7 +76,7 @@ def test_train_resume_predict_export_with_the_workdir_on_gcs(gcs, tmp_path):
 
   # Prediction inputs and outputs on the object store, export read back from it.
   for name in ("000.png", "001.png"):
-    (epath.Path(f"{RUN}/new/nut") / name).write_bytes((root / "nut" / "test" / "good" / name).read_bytes())
+    (epath.Path(f"{RUN}/new/nut") / name).write_bytes(open(os.path.join(root, "nut", "test", "good", name), "rb").read())
   _finish(_start(_main(root, workdir, "--mode=predict", f"--config.predict.input={RUN}/new/*/*.png"),
                  gcs, cache))
   rows = list(csv.DictReader(io.StringIO(epath.Path(f"{workdir}/predictions/predictions.csv").read_text())))
@@ -92,6 +92,14 @@ def test_train_resume_predict_export_with_the_workdir_on_gcs(gcs, tmp_path):
   assert not os.path.exists(os.path.join(REPO, "gs:"))  # nothing landed in a local "gs:" folder
 
 
+def _slurm_job_id() -> int:
+  """A job id whose coordinator port (jax: 61440 + id mod 4096) is free on this machine."""
+  for port in np.random.default_rng().permutation(np.arange(61440, 65536)):
+    if portpicker.is_port_free(int(port)):
+      return int(port) - 61440
+  raise RuntimeError("no free port in 61440..65535")
+
+
 def test_two_pack_only_hosts_with_the_workdir_on_gcs(gcs, tmp_path):
   root = main_helpers.tiny_dataset(tmp_path / "data")
   pack = f"{RUN}/pack"
@@ -102,11 +110,11 @@ def test_two_pack_only_hosts_with_the_workdir_on_gcs(gcs, tmp_path):
   workdir = f"{RUN}/pod"
   flags = [f"--config.data.packed={pack}", "--config.data.cache_features=True"]
 
-  def two_processes(*extra):
-    port = portpicker.pick_unused_port()
+  def two_processes(*extra):  # as `srun` starts them: jax.distributed.initialize() reads SLURM_*
+    job = str(_slurm_job_id())
     procs = [_start(_main(root, workdir, *flags, *extra), gcs, tmp_path / f"host{i}",
-                    {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-                     "JAX_PROCESS_ID": str(i)})
+                    {"SLURM_JOB_ID": job, "SLURM_STEP_NODELIST": "127.0.0.1",
+                     "SLURM_NTASKS": "2", "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)})
              for i in range(2)]
     return [_finish(p) for p in procs]
 
