@@ -81,7 +81,7 @@ def train(jm: JaxDinomaly, steps: int) -> dict:
 def train_cached(jm: JaxDinomaly, steps: int) -> dict:
   host = {"image": np.array(jm.images(jm.config.train.batch_size))}
   features = jm.cached_features(sharding.global_batch(host, jm.mesh)["image"])
-  cast = feature_cache.to_float32
+  cast = feature_cache.make_assemble(jm.mesh, 1)  # one process: the cast to float32
   step, compile_s = jm.compile_train_step(cast(sharding.global_batch(features, jm.mesh)),
                                           from_features=True)
   holder = {"state": jm.fresh_state()}

@@ -78,8 +78,9 @@ class JaxDinomaly:
         lambda p, x: self.model.apply({"params": {"encoder": p}}, x,
                                       method=dinomaly.Dinomaly.encode))(
                                           self.state.encoder_params, images)
-    return feature_cache.to_host({"bottleneck_input": bottleneck_input, "enc_groups": enc_groups},
-                                 self.config.data.cache_dtype)
+    dtype = feature_cache.cache_dtype(self.config.data.cache_dtype)
+    return jax.tree.map(lambda x: np.asarray(x).astype(dtype),
+                        {"bottleneck_input": bottleneck_input, "enc_groups": enc_groups})
 
 
 def _compiled(jitted, *args):

@@ -119,7 +119,7 @@ def _worker(args) -> list:
       rows.append(_time_task("train", fns, args.repeats, _cost_gflop(step), meta))
     if "train_cached" in args.tasks:  # bfloat16 host features, cast on the device as in training
       features = jm.cached_features(sharding.global_batch(host, jm.mesh)["image"])
-      cast = feature_cache.to_float32
+      cast = feature_cache.make_assemble(jm.mesh, 1)  # one process: the cast to float32
       step, _ = jm.compile_train_step(cast(sharding.global_batch(features, jm.mesh)),
                                       from_features=True)
       holder = {"state": jm.fresh_state()}

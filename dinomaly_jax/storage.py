@@ -71,13 +71,6 @@ def makedirs(path) -> None:
     os.makedirs(path, exist_ok=True)
 
 
-def open_file(path, mode: str = "r"):
-  """A file object for reading ("r", "rb") or writing ("w", "wb"; parents are created)."""
-  if "w" in mode or "a" in mode:
-    makedirs(os.path.dirname(str(path)) or ".")
-  return as_path(path).open(mode)
-
-
 def read_text(path) -> str:
   return as_path(path).read_text()
 
@@ -125,7 +118,9 @@ def glob(pattern: str) -> list[str]:
   if not is_url(pattern):
     return glob_lib.glob(pattern, recursive=True)
   parts = pattern.split("/")
-  first = next(i for i, p in enumerate(parts) if any(c in p for c in "*?["))
+  first = next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), None)
+  if first is None:  # a plain path
+    return [pattern] if exists(pattern) else []
   root = as_path("/".join(parts[:first]))
   return [str(p) for p in root.glob("/".join(parts[first:]))]
 

@@ -7,6 +7,7 @@ directly), and metrics.jsonl is rewritten whole (object stores cannot append).
 """
 import json
 import os
+import shutil
 import tempfile
 
 import jax
@@ -49,3 +50,5 @@ class MetricWriter:
     if self._active:
       self._tb.close()
       self._upload_events()
+      if self._remote_tb:
+        shutil.rmtree(self._local_tb, ignore_errors=True)

@@ -77,8 +77,8 @@ def encoder_fingerprint(encoder_params) -> str:
 def check_encoder(workdir: str, fingerprint: str, source: str) -> None:
   """Refuses encoder weights other than those the work directory's checkpoints were trained with."""
   path = storage.join(workdir, ENCODER_FILE)
-  if not storage.exists(path):
-    return
+  if not storage.exists(path) or not storage.isdir(storage.join(workdir, CHECKPOINT_DIR)):
+    return  # no checkpoint yet: any encoder may start the run
   saved = json.loads(storage.read_text(path))
   if saved["fingerprint"] != fingerprint:
     raise IncompatibleWorkdirError(
