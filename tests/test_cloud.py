@@ -18,6 +18,7 @@ import portpicker
 import pytest
 
 from dinomaly_jax.data import transforms
+from dinomaly_jax.evaluation import calibration
 from dinomaly_jax.inference import exported_model
 from tests import main_helpers
 from tests import object_store
@@ -64,8 +65,8 @@ def test_train_resume_predict_export_with_the_workdir_on_gcs(gcs, tmp_path):
   assert _names(f"{workdir}/checkpoints") == {"3"}
   resumed = _finish(_start(_main(root, workdir), gcs, cache))
   assert "Resumed from the checkpoint of step 3" in resumed and "I-AUROC" in resumed
-  assert {"config.json", "encoder.json", "metrics.jsonl", "thresholds.json", "checkpoints",
-          "tensorboard", "eval"} <= _names(workdir)
+  assert {"config.json", "encoder.json", "metrics.jsonl", "thresholds.json", "calibration.json",
+          "checkpoints", "tensorboard", "eval"} <= _names(workdir)
   assert _names(f"{workdir}/checkpoints") == {"3", "6"}
   steps = [json.loads(line)["step"] for line in epath.Path(f"{workdir}/metrics.jsonl").read_text().splitlines()]
   assert steps == [2, 3, 4, 6, 6]  # 2 and 3 before the stop, 4 and 6 after (6: losses, eval/)
@@ -73,6 +74,7 @@ def test_train_resume_predict_export_with_the_workdir_on_gcs(gcs, tmp_path):
   report = json.loads(epath.Path(f"{workdir}/eval/report.json").read_text())
   assert report["step"] == 6 and set(report["classes"]) == {"brick", "nut"}
   assert "scores.png" in _names(f"{workdir}/eval/pictures/brick")
+  _assert_calibrated_report(workdir)
 
   # Prediction inputs and outputs on the object store, export read back from it.
   for name in ("000.png", "001.png"):
@@ -82,14 +84,28 @@ def test_train_resume_predict_export_with_the_workdir_on_gcs(gcs, tmp_path):
   rows = list(csv.DictReader(io.StringIO(epath.Path(f"{workdir}/predictions/predictions.csv").read_text())))
   assert [r["image"] for r in rows] == [f"{RUN}/new/nut/000.png", f"{RUN}/new/nut/001.png"]
   assert all(r["class"] == "nut" and epath.Path(r["heatmap"]).exists() for r in rows)
+  nut = calibration.load(workdir)["nut"]  # read back from gs://
+  assert all(float(r["threshold"]) == nut.threshold for r in rows)
   _finish(_start(_main(root, workdir, "--mode=export"), gcs, cache))
   fn, info = exported_model.load(f"{workdir}/export")
   image = transforms.preprocess_image(transforms.load_image(rows[0]["image"]), main_helpers.tiny_config(root).data)
-  _, scores = fn(image[None])
+  out = fn(image[None], "nut")
   assert info["step"] == 6
   # The exported function scores the image as predict did (same weights, XLA attention).
-  np.testing.assert_allclose(np.asarray(scores)[0], float(rows[0]["score"]), rtol=1e-4)
+  np.testing.assert_allclose(out["scores"][0], float(rows[0]["score"]), rtol=1e-4)
+  np.testing.assert_allclose(out["normalised_scores"][0], float(rows[0]["normalised_score"]), rtol=1e-4, atol=1e-5)
   assert not os.path.exists(os.path.join(REPO, "gs:"))  # nothing landed in a local "gs:" folder
+
+
+def _assert_calibrated_report(workdir):
+  """calibration.json (thresholds from the calibration images) and report.html, with its
+  images embedded, landed in the work directory on gs://."""
+  saved = json.loads(epath.Path(f"{workdir}/calibration.json").read_text())
+  assert set(saved) == {"brick", "nut", calibration.POOLED}
+  assert all(c["source"] == calibration.FROM_CALIBRATION for c in saved.values())
+  page = epath.Path(f"{workdir}/eval/report.html").read_text()
+  assert page.startswith("<!DOCTYPE html>") and 'id="class-brick"' in page and 'id="class-nut"' in page
+  assert page.count('src="data:image/jpeg;base64,') >= 2  # the image tiles of both classes
 
 
 def _slurm_job_id() -> int:
@@ -131,4 +147,5 @@ def test_two_pack_only_hosts_with_the_workdir_on_gcs(gcs, tmp_path):
   assert report["step"] == 6 and set(report["classes"]) == {"brick", "nut"}
   pictures = _names(f"{workdir}/eval/pictures/brick")  # 2 strips (config.eval.pictures_per_class), scores
   assert len(pictures) == 3 and "scores.png" in pictures and all(n.endswith(".png") for n in pictures)
+  _assert_calibrated_report(workdir)  # its images read from the pack, the folders being gone
   assert _names(f"{workdir}/checkpoints") == {"3", "6"}

@@ -21,9 +21,10 @@ Saved as <workdir>/calibration.json, read by predict and export.
 """
 import dataclasses
 import json
-import os
 
 import numpy as np
+
+from dinomaly_jax import storage
 
 CALIBRATION_FILE = "calibration.json"
 POOLED = "__all__"  # over all classes, for images of unknown class
@@ -78,20 +79,19 @@ def from_test_labels(scores, labels, maps, f1_threshold: float) -> ClassCalibrat
 
 
 def save(workdir: str, calibrations: dict[str, ClassCalibration]) -> str:
-  path = os.path.join(workdir, CALIBRATION_FILE)
-  with open(path, "w") as f:
-    json.dump({name: {k: (None if isinstance(v, float) and np.isnan(v) else v)
-                      for k, v in dataclasses.asdict(c).items()}
-               for name, c in calibrations.items()}, f, indent=2)
+  """Writes <workdir>/calibration.json atomically (local or gs:// / s3://); returns its path."""
+  path = storage.join(workdir, CALIBRATION_FILE)
+  storage.write_text(path, json.dumps({name: {k: (None if isinstance(v, float) and np.isnan(v) else v)
+                                              for k, v in dataclasses.asdict(c).items()}
+                                       for name, c in calibrations.items()}, indent=2))
   return path
 
 
 def load(workdir: str) -> dict[str, ClassCalibration]:
   """{class: ClassCalibration} from <workdir>/calibration.json (FileNotFoundError names it)."""
-  path = os.path.join(workdir, CALIBRATION_FILE)
-  if not os.path.exists(path):
+  path = storage.join(workdir, CALIBRATION_FILE)
+  if not storage.exists(path):
     raise FileNotFoundError(f"No {path}: run training (or --mode=eval) in {workdir} first.")
-  with open(path) as f:
-    raw = json.load(f)
+  raw = json.loads(storage.read_text(path))
   return {name: ClassCalibration(**{k: float("nan") if v is None else v for k, v in c.items()})
           for name, c in raw.items()}

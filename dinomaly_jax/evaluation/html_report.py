@@ -14,13 +14,13 @@ import base64
 import html
 import io
 import math
-import os
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 from scipy import ndimage
 
+from dinomaly_jax import storage
 from dinomaly_jax.evaluation import inspection as inspection_lib
 from dinomaly_jax.evaluation import pictures
 from dinomaly_jax.evaluation import report
@@ -195,8 +195,6 @@ def write(out_dir: str, result: dict, views: list[dict]) -> str:
   page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
           f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
           + "\n".join(body) + "\n</body></html>\n")
-  path = os.path.join(out_dir, HTML_FILE)
-  os.makedirs(out_dir, exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(page)
+  path = storage.join(out_dir, HTML_FILE)
+  storage.write_text(path, page)
   return path

@@ -9,16 +9,18 @@ by spike_lr_factor; after spike_max_rollbacks rollbacks, or with policy "stop", 
 with NonFiniteLossError naming the last good checkpoint.
 
 Each rollback is a line of <workdir>/spike_events.jsonl: a resumed run reads them back to
-continue with the same data position and learning rate.
+continue with the same data position and learning rate. Any work directory (local or
+gs:// / s3://): process 0 rewrites the whole file atomically through `storage` at each
+rollback (object stores cannot append); every process keeps the same events in memory.
 """
 import collections
 import dataclasses
 import json
 import math
-import os
 
 import numpy as np
 
+from dinomaly_jax import storage
 from dinomaly_jax.errors import NonFiniteLossError
 
 EVENTS_FILE = "spike_events.jsonl"
@@ -40,13 +42,12 @@ class SpikeGuard:
     self.factor = float(train_config.spike_factor)
     self.lr_factor = float(train_config.spike_lr_factor)
     self.max_rollbacks = int(train_config.spike_max_rollbacks)
-    self._path = os.path.join(workdir, EVENTS_FILE)
+    self._path = storage.join(workdir, EVENTS_FILE)
     self._write = write
     self._recent = collections.deque(maxlen=int(train_config.spike_window))
     self.events = []
-    if os.path.exists(self._path):
-      with open(self._path) as f:
-        self.events = [json.loads(line) for line in f if line.strip()]
+    if storage.exists(self._path):
+      self.events = [json.loads(line) for line in storage.read_text(self._path).splitlines() if line.strip()]
 
   @property
   def lr_scale(self) -> float:
@@ -86,6 +87,5 @@ class SpikeGuard:
              "lr_scale": self.lr_factor ** (len(self.events) + 1)}
     self.events.append(event)
     if self._write:
-      with open(self._path, "a") as f:
-        f.write(json.dumps(event) + "\n")
+      storage.write_text(self._path, "".join(json.dumps(e) + "\n" for e in self.events))
     return event
