@@ -136,8 +136,10 @@ def test_two_pack_only_hosts_with_the_workdir_on_gcs(gcs, tmp_path):
 
   first = two_processes("--config.train.stop_after=3")
   assert "Stopped after step 3" in first[0]
-  # Each host holds half of the 16 cached rows (2 global batches of 8 = 4 + 4 per host).
-  assert "per process (8 rows: this process's share of 2)" in first[0]
+  # 12 training images (the calibration split holds 2 of each class's 8 out): 3 global batches
+  # of 4; each host holds its 2 rows of each, 6 rows.
+  assert "Caching encoder features: 12 images" in first[0]
+  assert "per process (6 rows: this process's share of 2)" in first[0]
   resumed = two_processes()
   assert "Resumed from the checkpoint of step 3" in resumed[0] and "I-AUROC" in resumed[0]
   assert "I-AUROC" not in resumed[1]  # process 0 alone writes the report
