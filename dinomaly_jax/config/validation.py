@@ -5,6 +5,7 @@ from dinomaly_jax.config import defaults
 from dinomaly_jax.errors import ConfigError
 from dinomaly_jax.models import dinomaly
 from dinomaly_jax.models import encoders
+from dinomaly_jax.models.structure import is_int
 
 MODES = ("train", "eval", "predict", "export")
 LAYOUTS = ("mvtec", "mpdd", "btad", "visa", "realiad", "folder")
@@ -15,13 +16,10 @@ def _check(ok: bool, field: str, expected: str, value) -> None:
     raise ConfigError(f"config.{field} must be {expected}, got {value!r}.")
 
 
-def _is_int(v) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
-
 
 def _positive_int(c, field: str) -> None:
   v = _get(c, field)
-  _check(_is_int(v) and v > 0, field, "a positive integer", v)
+  _check(is_int(v) and v > 0, field, "a positive integer", v)
 
 
 def _in_range(c, field: str, lo: float, hi: float, *, hi_open=False) -> None:
@@ -44,7 +42,7 @@ def _get(c, field: str):
 def validate(c: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first invalid field."""
   _one_of(c, "mode", MODES)
-  _check(_is_int(c.seed), "seed", "an integer", c.seed)
+  _check(is_int(c.seed), "seed", "an integer", c.seed)
 
   m = c.model
   _one_of(c, "model.family", encoders.FAMILIES)
@@ -69,7 +67,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive_int(c, "data.resize")
   _check(d.resize >= d.crop, "data.resize", f">= data.crop ({d.crop})", d.resize)
   _positive_int(c, "data.mask_size")
-  _check(_is_int(d.workers) and d.workers >= 0, "data.workers", "an integer >= 0", d.workers)
+  _check(is_int(d.workers) and d.workers >= 0, "data.workers", "an integer >= 0", d.workers)
   _in_range(c, "data.calibration.fraction", 0.0, 0.9)
   _check(isinstance(d.calibration.folder, str), "data.calibration.folder", "a folder path", d.calibration.folder)
   _check(not (d.calibration.folder and d.calibration.fraction), "data.calibration.folder",
@@ -82,7 +80,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _positive_int(c, f"train.{f}")
   for f in ("warmup_steps", "eval_every", "checkpoint_every", "stop_after"):
     v = t[f]
-    _check(_is_int(v) and v >= 0, f"train.{f}", "an integer >= 0", v)
+    _check(is_int(v) and v >= 0, f"train.{f}", "an integer >= 0", v)
   _check(t.warmup_steps < t.steps, "train.warmup_steps", f"< train.steps ({t.steps})", t.warmup_steps)
   _in_range(c, "train.lr", 1e-12, 10.0)
   _in_range(c, "train.final_lr", 0.0, t.lr)
@@ -98,18 +96,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "train.spike_factor", "0 (off) or a number > 1", t.spike_factor)
   _positive_int(c, "train.spike_window")
   _in_range(c, "train.spike_lr_factor", 1e-6, 1.0, hi_open=True)
-  _check(_is_int(t.spike_max_rollbacks) and t.spike_max_rollbacks >= 0, "train.spike_max_rollbacks",
+  _check(is_int(t.spike_max_rollbacks) and t.spike_max_rollbacks >= 0, "train.spike_max_rollbacks",
          "an integer >= 0", t.spike_max_rollbacks)
 
   e = c.eval
   for f in ("batch_size", "map_size", "aupro_thresholds"):
     _positive_int(c, f"eval.{f}")
-  _check(_is_int(e.gaussian_size) and e.gaussian_size > 0 and e.gaussian_size % 2 == 1,
+  _check(is_int(e.gaussian_size) and e.gaussian_size > 0 and e.gaussian_size % 2 == 1,
          "eval.gaussian_size", "an odd positive integer", e.gaussian_size)
   _in_range(c, "eval.gaussian_sigma", 1e-6, 1e6)
   _in_range(c, "eval.top_ratio", 1e-9, 1.0)
   _one_of(c, "eval.aupro", ("reference", "mvtec"))
   _in_range(c, "eval.aupro_max_fpr", 1e-9, 1.0)
-  _check(_is_int(e.pictures_per_class) and e.pictures_per_class >= 0, "eval.pictures_per_class",
+  _check(is_int(e.pictures_per_class) and e.pictures_per_class >= 0, "eval.pictures_per_class",
          "an integer >= 0", e.pictures_per_class)
   _in_range(c, "eval.target_fpr", 1e-6, 0.5)

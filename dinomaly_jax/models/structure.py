@@ -11,7 +11,8 @@ DECODER_ATTENTION_KINDS = ("linear", "qk_v_linear", "softmax")
 CONV_DECODER_KERNELS = (0, 3, 5, 7)  # 0 = transformer decoder
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
+  """An int that is not a bool (config values)."""
   return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -32,14 +33,14 @@ def check_structure(*, encoder_depth: int, encoder_name: str, target_layers: Seq
   neighbour mask needs attention that forms the N x N weights.
   """
   layers = list(target_layers)
-  _require(bool(layers) and all(_is_int(i) and 0 <= i < encoder_depth for i in layers)
+  _require(bool(layers) and all(is_int(i) and 0 <= i < encoder_depth for i in layers)
            and len(set(layers)) == len(layers), "target_layers",
            f"distinct block indices in [0, {encoder_depth}) for {encoder_name}", layers)
-  _require(_is_int(decoder_depth) and decoder_depth > 0, "decoder_depth", "a positive integer",
+  _require(is_int(decoder_depth) and decoder_depth > 0, "decoder_depth", "a positive integer",
            decoder_depth)
   limit = min(len(layers), decoder_depth)
   groups = [list(g) for g in fuse_groups]
-  _require(bool(groups) and all(g and all(_is_int(i) and 0 <= i < limit for i in g) for g in groups),
+  _require(bool(groups) and all(g and all(is_int(i) and 0 <= i < limit for i in g) for g in groups),
            "fuse_groups",
            f"non-empty groups of indices in [0, {limit}) (into model.target_layers, "
            f"{len(layers)} entries, and the decoder's {decoder_depth} block outputs)", groups)
@@ -47,7 +48,7 @@ def check_structure(*, encoder_depth: int, encoder_name: str, target_layers: Seq
            f"one of {list(DECODER_ATTENTION_KINDS)}", decoder_attention)
   _require(conv_decoder_kernel in CONV_DECODER_KERNELS, "conv_decoder_kernel",
            f"one of {list(CONV_DECODER_KERNELS)} (0 = transformer decoder)", conv_decoder_kernel)
-  _require(_is_int(mask_neighbor_size) and mask_neighbor_size >= 0, "mask_neighbor_size",
+  _require(is_int(mask_neighbor_size) and mask_neighbor_size >= 0, "mask_neighbor_size",
            "an integer >= 0 (0 = off)", mask_neighbor_size)
   if mask_neighbor_size:
     _require(not conv_decoder_kernel, "mask_neighbor_size",
