@@ -24,13 +24,21 @@ def row_line(row) -> str:
   s = _summaries(row)
   parts = [f"{row['task']:12s} {row['vit']:5s} {row['size']} b{row['batch']} t{row['threads']}"]
   for name, summ in s.items():
-    parts.append(f"{name} {timing.fmt_seconds(summ)}s")
+    parts.append(f"{name} {timing.fmt_seconds(summ)}s{_cores(row, name)}")
   if "jax" in s:
     for name, summ in s.items():
       if name.startswith("torch"):
         parts.append(f"{name}/jax {timing.fmt_ratio(timing.ratio(summ, s['jax']))}")
   parts += [f"error {k}: {v[:80]}" for k, v in row.get("errors", {}).items()]
   return "  ".join(parts) + f"  load {row['load_before']}->{row['load_after']}"
+
+
+def _cores(row, name) -> str:
+  """' (1.0 cores)': median CPU seconds / median wall seconds of the name's calls."""
+  cpu = row.get("cpu_seconds", {}).get(name)
+  if not cpu:
+    return ""
+  return f" ({timing.summary(cpu)['median'] / timing.summary(row['seconds'][name])['median']:.1f} cores)"
 
 
 def _gflops(row, summ) -> str:
@@ -54,8 +62,11 @@ def markdown(facts: dict, rows) -> str:
            "call; implementations alternate call by call. Ratio = torch median / JAX median "
            "(> 1: JAX faster), [range of the pairings]; \"within noise\" where the time ranges "
            "overlap.",
-           "- JAX and torch run in the same process, pinned to the same thread count (XLA flags "
-           "at process start, torch.set_num_threads); each thread count in its own process.",
+           "- JAX and torch run in the same process, confined to the same cores "
+           "(sched_setaffinity before JAX or torch start; XLA sizes its thread pool from them) "
+           "and torch.set_num_threads to that count; each thread count in its own process. "
+           "\"cores\" = median process CPU seconds / median wall seconds of the calls: the "
+           "cores each implementation actually kept busy.",
            "- torch variants: " + "; ".join(f"`{k}` = {v}" for k, v in TORCH_NAMES.items()) +
            ". All do the reference's procedure (benchmarks/torch_dinomaly.py).",
            "- GFLOP/img from XLA's cost analysis of the JAX call (torch does the same work); "
@@ -79,10 +90,11 @@ def markdown(facts: dict, rows) -> str:
       s = _summaries(r)
       cells = [r["task"], f"ViT-{r['vit']}", str(r["size"]), str(r["batch"]),
                f"{r['gflop'] / r['batch']:.1f}"]
-      cells += ([timing.fmt_seconds(s["jax"]), _gflops(r, s["jax"])] if "jax" in s else ["-", "-"])
+      cells += ([timing.fmt_seconds(s["jax"]) + _cores(r, "jax"), _gflops(r, s["jax"])]
+                if "jax" in s else ["-", "-"])
       for n in impls:
         if n in s and "jax" in s:
-          cells += [f"{timing.fmt_seconds(s[n])} ({_gflops(r, s[n])} GFLOP/s)",
+          cells += [f"{timing.fmt_seconds(s[n])}{_cores(r, n)}, {_gflops(r, s[n])} GFLOP/s",
                     timing.fmt_ratio(timing.ratio(s[n], s["jax"]))]
         else:
           cells += [r.get("errors", {}).get(n, "-")[:60], "-"]

@@ -4,8 +4,8 @@
       [--grid small:224:8 base:392:4] [--threads 1 all] [--tasks encoder inference train train_cached]
       [--torch reference sdpa compile] [--repeats 5]
 
-For each thread count a fresh process runs (XLA reads its thread flags at start-up) with
-JAX and torch pinned to that many threads; in it, for each (ViT, input size, batch) of
+For each thread count a fresh process runs, confined to that many cores (XLA sizes its
+thread pool from them) with torch set to that many threads; in it, for each (ViT, input size, batch) of
 the grid and each task, every implementation is called once to warm up (compile), then
 --repeats times, the implementations alternating so that other load hits all alike.
 Implementations: JAX; torch "reference" (eager, the DINOv2 encoder's own attention, as
@@ -13,7 +13,8 @@ the reference code runs on CPU), "sdpa" (eager, fused attention), "compile"
 (torch.compile of the sdpa model). Tasks: encoder forward, inference (maps and scores),
 train step from images, and JAX's train step from cached features (its own table,
 against the JAX image step). FLOPs per call come from XLA's cost analysis of the JAX
-function. The 1-minute load average is recorded before and after every task.
+function. Each call's process CPU time is recorded beside its wall time (CPU / wall =
+cores the call kept busy), and the 1-minute load average before and after every task.
 Writes <out>/<stem>.json (every call's time) and <stem>.md (see benchmarks/report.py).
 """
 import argparse
@@ -61,7 +62,8 @@ def _time_task(task, fns: dict, repeats: int, gflop: float, meta: dict) -> dict:
       continue
     row["first_call_s"][name] = time.perf_counter() - start
     ready[name] = fn
-  row["seconds"] = timing.interleaved_times(ready, repeats)
+  row["cpu_seconds"] = {}
+  row["seconds"] = timing.interleaved_times(ready, repeats, row["cpu_seconds"])
   row["load_before"], row["load_after"] = load_before, timing.load_average()
   print(report.row_line(row), flush=True)
   return row
@@ -182,7 +184,8 @@ def main(argv=None):
       cmd = [sys.executable, "-m", "benchmarks.run", "--worker", out, "--grid", *args.grid,
              "--tasks", *args.tasks, "--repeats", str(args.repeats), "--torch", *args.torch]
       print(f"--- {threads} thread(s), load {timing.load_average()}", flush=True)
-      subprocess.run(cmd, env=timing.thread_env(threads, cores), check=True)
+      subprocess.run(cmd, env=timing.thread_env(threads), check=True,
+                     preexec_fn=lambda threads=threads: timing.pin_process(threads))
       with open(out) as f:
         result = json.load(f)
     rows += result["rows"]

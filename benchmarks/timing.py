@@ -8,30 +8,40 @@ the ratio is marked "within noise".
 import datetime
 import os
 import platform
+import resource
 import statistics
 import time
 
 MIN_REPEATS = 5  # timed calls per figure (after one warm-up call), except --quick runs
-SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
-def thread_env(threads: int, all_cores: int) -> dict:
+def thread_env(threads: int) -> dict:
   """Environment for a fresh process whose JAX (XLA) and torch use `threads` threads.
 
-  XLA reads its flags once at start-up, hence one process per thread count; torch is
-  pinned in that process with torch.set_num_threads (see pin_torch_threads)."""
+  The process is also confined to `threads` cores (see `pin_process`): XLA sizes its
+  thread pool from the cores it may run on and has no flag that limits it, so the
+  affinity is what holds JAX to the count; torch is pinned in that process with
+  torch.set_num_threads (see pin_torch_threads)."""
   env = dict(os.environ)
-  flags = env.get("XLA_FLAGS", "")
-  if threads < all_cores:
-    if threads != 1:
-      raise ValueError(f"threads={threads}: XLA can be pinned to 1 thread or left on all "
-                       f"{all_cores} cores only.")
-    flags = f"{flags} {SINGLE_THREAD_XLA_FLAGS}".strip()
-  env["XLA_FLAGS"] = flags
   env["BENCH_THREADS"] = str(threads)
   for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     env[name] = str(threads)
   return env
+
+
+def pin_process(threads: int) -> None:
+  """Confines the calling process (before it starts JAX or torch) to its first `threads`
+  allowed cores."""
+  allowed = sorted(os.sched_getaffinity(0))
+  if not 1 <= threads <= len(allowed):
+    raise ValueError(f"threads={threads}: this process may use {len(allowed)} cores.")
+  os.sched_setaffinity(0, allowed[:threads])
+
+
+def cpu_seconds() -> float:
+  """CPU time of this process so far, all its threads (user + system)."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
 
 
 def pin_torch_threads(threads: int) -> None:
@@ -45,15 +55,19 @@ def load_average() -> float:
   return round(os.getloadavg()[0], 2)
 
 
-def interleaved_times(fns: dict, repeats: int) -> dict:
+def interleaved_times(fns: dict, repeats: int, cpu_times: dict = None) -> dict:
   """Calls each (already warm) fn `repeats` times, alternating between them so that
-  load from other processes hits all alike; returns each fn's list of seconds."""
+  load from other processes hits all alike; returns each fn's list of wall seconds.
+  `cpu_times`, if given, receives each fn's list of process CPU seconds per call (CPU /
+  wall = the cores the call kept busy)."""
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
-      start = time.perf_counter()
+      cpu, start = cpu_seconds(), time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - start)
+      if cpu_times is not None:
+        cpu_times.setdefault(name, []).append(cpu_seconds() - cpu)
   return times
 
 
