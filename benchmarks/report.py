@@ -59,12 +59,12 @@ def markdown(facts: dict, rows) -> str:
            f"- Versions: python {facts['python']}, jax {facts['jax']}, flax {facts['flax']}, "
            f"torch {facts.get('torch', '-')}",
            f"- Each figure: median [min-max] of {facts['repeats']} timed calls after a warm-up "
-           "call; implementations alternate call by call. Ratio = torch median / JAX median "
+           "call. Ratio = torch median / JAX median "
            "(> 1: JAX faster), [range of the pairings]; \"within noise\" where the time ranges "
            "overlap.",
-           "- JAX and torch run in the same process, confined to the same cores "
-           "(sched_setaffinity before JAX or torch start; XLA sizes its thread pool from them) "
-           "and torch.set_num_threads to that count; each thread count in its own process. "
+           "- Each implementation runs in its own process, one after another, confined to the "
+           "same cores (sched_setaffinity before JAX or torch start; XLA sizes its thread pool "
+           "from them), torch with torch.set_num_threads to that count. "
            "\"cores\" = median process CPU seconds / median wall seconds of the calls: the "
            "cores each implementation actually kept busy.",
            "- torch variants: " + "; ".join(f"`{k}` = {v}" for k, v in TORCH_NAMES.items()) +

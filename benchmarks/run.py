@@ -4,10 +4,12 @@
       [--grid small:224:8 base:392:4] [--threads 1 all] [--tasks encoder inference train train_cached]
       [--torch reference sdpa compile] [--repeats 5]
 
-For each thread count a fresh process runs, confined to that many cores (XLA sizes its
-thread pool from them) with torch set to that many threads; in it, for each (ViT, input size, batch) of
-the grid and each task, every implementation is called once to warm up (compile), then
---repeats times, the implementations alternating so that other load hits all alike.
+For each thread count and each implementation a fresh process runs, one after another,
+confined to that many cores (XLA sizes its thread pool from them) with torch set to that
+many threads; in it, for each (ViT, input size, batch) of the grid and each task, the
+implementation is called once to warm up (compile), then --repeats times. One process per
+implementation: sharing a process with the torch models slowed JAX's ViT-B/392 train step
+from 20.3 s to 25.5 s (memory pressure on JAX's per-step allocations).
 Implementations: JAX; torch "reference" (eager, the DINOv2 encoder's own attention, as
 the reference code runs on CPU), "sdpa" (eager, fused attention), "compile"
 (torch.compile of the sdpa model). Tasks: encoder forward, inference (maps and scores),
@@ -70,70 +72,103 @@ def _time_task(task, fns: dict, repeats: int, gflop: float, meta: dict) -> dict:
 
 
 def _worker(args) -> list:
-  """Runs in the pinned process: every task of the grid, one row each."""
-  import jax  # pylint: disable=g-import-not-at-top
+  """Runs in the pinned process: every task of the grid for one implementation
+  (args.impl: "jax" or a torch variant), one row each."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from benchmarks.jax_dinomaly import JaxDinomaly  # pylint: disable=g-import-not-at-top
   from benchmarks.jax_dinomaly import make_config  # pylint: disable=g-import-not-at-top
-  from dinomaly_jax.training import feature_cache  # pylint: disable=g-import-not-at-top
-  from dinomaly_jax import sharding  # pylint: disable=g-import-not-at-top
 
   threads = int(os.environ["BENCH_THREADS"])
-  if args.torch:
-    timing.pin_torch_threads(threads)
-    from benchmarks import torch_dinomaly  # pylint: disable=g-import-not-at-top
   rows = []
   for vit, size, batch in _parse_grid(args.grid):
     meta = dict(vit=vit, size=size, batch=batch, threads=threads)
-    jm = JaxDinomaly(make_config(vit, size, batch))
-    cfg = jm.config.model
-    twins = {impl: torch_dinomaly.TorchTwin(vit, cfg.registers, cfg.target_layers, cfg.fuse_groups,
-                                            cfg.decoder_depth, cfg.bottleneck_dropout,
-                                            attention="reference" if impl == "reference" else "sdpa",
-                                            compile=impl == "compile")
-             for impl in args.torch}
-    images = jm.images(batch)
-    host_images = np.array(images)
-
-    if "encoder" in args.tasks:
-      fn, _ = jm.compile_encoder(images)
-      p = jm.state.encoder_params
-      fns = {"jax": lambda fn=fn: jax.block_until_ready(fn(p, images))}
-      fns.update({f"torch_{i}": (lambda t=t: t.encoder_forward(host_images)) for i, t in twins.items()})
-      rows.append(_time_task("encoder", fns, args.repeats, _cost_gflop(fn), meta))
-    if "inference" in args.tasks:
-      fn, _ = jm.compile_inference(images)
-      ep, p = jm.state.encoder_params, jm.state.params
-      fns = {"jax": lambda fn=fn: jax.block_until_ready(fn(ep, p, images))}
-      fns.update({f"torch_{i}": (lambda t=t: t.inference(host_images)) for i, t in twins.items()})
-      rows.append(_time_task("inference", fns, args.repeats, _cost_gflop(fn), meta))
-    host = {"image": host_images}
-    if "train" in args.tasks:
-      step, _ = jm.compile_train_step(sharding.global_batch(host, jm.mesh))
-      holder = {"state": jm.fresh_state()}
-
-      def jax_step(step=step, holder=holder):
-        holder["state"], metrics = step(holder["state"], sharding.global_batch(host, jm.mesh))
-        jax.block_until_ready(metrics)
-
-      fns = {"jax": jax_step}
-      fns.update({f"torch_{i}": (lambda t=t: t.train_step(host_images)) for i, t in twins.items()})
-      rows.append(_time_task("train", fns, args.repeats, _cost_gflop(step), meta))
-    if "train_cached" in args.tasks:  # bfloat16 host features, cast on the device as in training
-      features = jm.cached_features(sharding.global_batch(host, jm.mesh)["image"])
-      cast = feature_cache.make_assemble(jm.mesh, 1)  # one process: the cast to float32
-      step, _ = jm.compile_train_step(cast(sharding.global_batch(features, jm.mesh)),
-                                      from_features=True)
-      holder = {"state": jm.fresh_state()}
-
-      def cached_step(step=step, holder=holder):
-        holder["state"], metrics = step(holder["state"],
-                                        cast(sharding.global_batch(features, jm.mesh)))
-        jax.block_until_ready(metrics)
-
-      rows.append(_time_task("train_cached", {"jax_cached": cached_step}, args.repeats,
-                             _cost_gflop(step), meta))
+    config = make_config(vit, size, batch)
+    # The same images on every side (NHWC, float32).
+    host_images = np.random.default_rng(0).standard_normal((batch, size, size, 3), np.float32)
+    if args.impl == "jax":
+      rows += _jax_rows(args, config, host_images, meta)
+    else:
+      rows += _torch_rows(args, config, host_images, meta)
   return rows
+
+
+def _torch_rows(args, config, host_images, meta) -> list:
+  timing.pin_torch_threads(meta["threads"])
+  from benchmarks import torch_dinomaly  # pylint: disable=g-import-not-at-top
+  cfg, impl = config.model, args.impl.removeprefix("torch_")
+  twin = torch_dinomaly.TorchTwin(meta["vit"], cfg.registers, cfg.target_layers, cfg.fuse_groups,
+                                  cfg.decoder_depth, cfg.bottleneck_dropout,
+                                  attention="reference" if impl == "reference" else "sdpa",
+                                  compile=impl == "compile")
+  calls = {"encoder": lambda: twin.encoder_forward(host_images),
+           "inference": lambda: twin.inference(host_images),
+           "train": lambda: twin.train_step(host_images)}
+  return [_time_task(task, {args.impl: calls[task]}, args.repeats, None, meta)
+          for task in args.tasks if task in calls]
+
+
+def _jax_rows(args, config, host_images, meta) -> list:
+  import jax  # pylint: disable=g-import-not-at-top
+  from benchmarks.jax_dinomaly import JaxDinomaly  # pylint: disable=g-import-not-at-top
+  from dinomaly_jax import sharding  # pylint: disable=g-import-not-at-top
+  from dinomaly_jax.training import feature_cache  # pylint: disable=g-import-not-at-top
+
+  jm = JaxDinomaly(config)
+  host = {"image": host_images}
+  images = sharding.global_batch(host, jm.mesh)["image"]
+  rows = []
+  if "encoder" in args.tasks:
+    fn, _ = jm.compile_encoder(images)
+    p = jm.state.encoder_params
+    rows.append(_time_task("encoder", {"jax": lambda: jax.block_until_ready(fn(p, images))},
+                           args.repeats, _cost_gflop(fn), meta))
+  if "inference" in args.tasks:
+    infer, _ = jm.compile_inference(images)
+    ep, p = jm.state.encoder_params, jm.state.params
+    rows.append(_time_task("inference",
+                           {"jax": lambda: jax.block_until_ready(infer(ep, p, images))},
+                           args.repeats, _cost_gflop(infer), meta))
+  if "train" in args.tasks:
+    step, _ = jm.compile_train_step(sharding.global_batch(host, jm.mesh))
+    holder = {"state": jm.fresh_state()}
+
+    def jax_step():
+      holder["state"], metrics = step(holder["state"], sharding.global_batch(host, jm.mesh))
+      jax.block_until_ready(metrics)
+
+    rows.append(_time_task("train", {"jax": jax_step}, args.repeats, _cost_gflop(step), meta))
+  if "train_cached" in args.tasks:  # bfloat16 host features, cast on the device as in training
+    features = jm.cached_features(images)
+    cast = feature_cache.make_assemble(jm.mesh, 1)  # one process: the cast to float32
+    cached, _ = jm.compile_train_step(cast(sharding.global_batch(features, jm.mesh)),
+                                      from_features=True)
+    cached_holder = {"state": jm.fresh_state()}
+
+    def cached_step():
+      cached_holder["state"], metrics = cached(cached_holder["state"],
+                                               cast(sharding.global_batch(features, jm.mesh)))
+      jax.block_until_ready(metrics)
+
+    rows.append(_time_task("train_cached", {"jax_cached": cached_step}, args.repeats,
+                           _cost_gflop(cached), meta))
+  return rows
+
+
+def _merge(rows) -> list:
+  """One row per (task, model, size, batch, threads) from the per-implementation rows:
+  their calls side by side, the FLOP count from the JAX row, the load range of all."""
+  merged = {}
+  for row in rows:
+    key = tuple(row[k] for k in ("task", "vit", "size", "batch", "threads"))
+    if key not in merged:
+      merged[key] = dict(row, seconds={}, cpu_seconds={}, first_call_s={}, errors={})
+    m = merged[key]
+    for field in ("seconds", "cpu_seconds", "first_call_s", "errors"):
+      m[field].update(row[field])
+    if row["gflop"] is not None:
+      m["gflop"] = row["gflop"]
+    m["load_before"] = min(m["load_before"], row["load_before"])
+    m["load_after"] = max(m["load_after"], row["load_after"])
+  return list(merged.values())
 
 
 def main(argv=None):
@@ -153,6 +188,7 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=None,
                       help=f"timed calls per figure after the warm-up (>= {timing.MIN_REPEATS})")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: output path
+  parser.add_argument("--impl", default="jax", help=argparse.SUPPRESS)  # internal: worker's impl
   args = parser.parse_args(argv)
   args.grid = args.grid or (QUICK_GRID if args.quick else FULL_GRID)
   if args.torch is None:
@@ -164,10 +200,11 @@ def main(argv=None):
     parser.error(f"--repeats must be >= {timing.MIN_REPEATS} (use --quick for a smoke run).")
 
   if args.worker:
+    timing.pin_process(int(os.environ["BENCH_THREADS"]))  # before JAX or torch start
     rows = _worker(args)
+    framework = "jax" if args.impl == "jax" else "torch"
     with open(args.worker, "w") as f:
-      json.dump({"rows": rows,
-                 "matmul_gflops": timing.matmul_gflops(with_torch=bool(args.torch))}, f)
+      json.dump({"rows": rows, "matmul_gflops": {framework: timing.matmul_gflops(framework)}}, f)
     return
 
   cores = os.cpu_count() or 1
@@ -178,24 +215,28 @@ def main(argv=None):
   print(json.dumps(facts), flush=True)
   rows, matmul = [], {}
   start = time.perf_counter()
+  impls = ["jax"] + [f"torch_{t}" for t in args.torch]
   for threads in sorted({cores if t == "all" else int(t) for t in args.threads}):
-    with tempfile.TemporaryDirectory() as tmp:
-      out = os.path.join(tmp, "rows.json")
-      cmd = [sys.executable, "-m", "benchmarks.run", "--worker", out, "--grid", *args.grid,
-             "--tasks", *args.tasks, "--repeats", str(args.repeats), "--torch", *args.torch]
-      print(f"--- {threads} thread(s), load {timing.load_average()}", flush=True)
-      subprocess.run(cmd, env=timing.thread_env(threads), check=True,
-                     preexec_fn=lambda threads=threads: timing.pin_process(threads))
-      with open(out) as f:
-        result = json.load(f)
-    rows += result["rows"]
-    matmul[threads] = result["matmul_gflops"]
+    matmul[threads] = {}
+    for impl in impls:  # each implementation in its own process, one after another
+      with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        cmd = [sys.executable, "-m", "benchmarks.run", "--worker", out, "--impl", impl,
+               "--grid", *args.grid, "--tasks", *args.tasks, "--repeats", str(args.repeats)]
+        print(f"--- {impl}, {threads} thread(s), load {timing.load_average()}", flush=True)
+        subprocess.run(cmd, env=timing.thread_env(threads), check=True)
+        with open(out) as f:
+          result = json.load(f)
+      rows += result["rows"]
+      matmul[threads].update(result["matmul_gflops"])
     facts["wall_s"] = round(time.perf_counter() - start, 1)
     facts["matmul_gflops"] = matmul
     os.makedirs(args.out, exist_ok=True)  # written after each thread count: a stopped run keeps them
     name = args.name or f"{facts['jax_backend']}-{facts['date'][:10]}"
-    print("Wrote", *report.write(os.path.join(args.out, name), facts, rows))
-
+    merged = _merge(rows)
+    for row in merged:
+      print(report.row_line(row), flush=True)
+    print("Wrote", *report.write(os.path.join(args.out, name), facts, merged))
 
 if __name__ == "__main__":
   main()

@@ -139,24 +139,23 @@ def machine_facts() -> dict:
   return facts
 
 
-def matmul_gflops(with_torch: bool, n: int = 1024, repeats: int = MIN_REPEATS) -> dict:
-  """float32 GFLOP/s of one (n x n) @ (n x n) matmul, JAX (and torch), as {name: summary
-  of GFLOP/s}: the machine's practical peak at the current thread count."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+def matmul_gflops(framework: str, n: int = 1024, repeats: int = MIN_REPEATS) -> float:
+  """float32 GFLOP/s (median) of one (n x n) @ (n x n) matmul in "jax" or "torch": the
+  machine's practical peak at the current thread count."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   a = np.random.default_rng(0).standard_normal((n, n), np.float32)
-  ja = jnp.asarray(a)
-  dot = jax.jit(jnp.dot)
-  fns = {"jax": lambda: dot(ja, ja).block_until_ready()}
-  if with_torch:
+  if framework == "jax":
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    ja, dot = jnp.asarray(a), jax.jit(jnp.dot)
+    fn = lambda: dot(ja, ja).block_until_ready()
+  else:
     import torch  # pylint: disable=g-import-not-at-top
     ta = torch.from_numpy(a)
-    fns["torch"] = lambda: ta @ ta
-  for fn in fns.values():
-    fn()
-  times = interleaved_times(fns, repeats)
-  return {name: round(2 * n**3 / statistics.median(t) / 1e9, 1) for name, t in times.items()}
+    fn = lambda: ta @ ta
+  fn()
+  times = interleaved_times({framework: fn}, repeats)[framework]
+  return round(2 * n**3 / statistics.median(times) / 1e9, 1)
 
 
 def write_results(path, results: list) -> None:

@@ -26,6 +26,11 @@ def test_benchmark_quick_writes_json_and_markdown(tmp_path):
   assert all(len(r["seconds"]["jax"]) == 2 and len(r["seconds"]["torch_reference"]) == 2
              for r in train)
   assert all(r["gflop"] > 0 and r["load_before"] >= 0 for r in result["rows"])
+  # The 1-thread process is confined to one core: no implementation keeps more than one
+  # core busy (CPU seconds <= wall seconds, + 10% for clock granularity).
+  for row in [r for r in result["rows"] if r["threads"] == 1]:
+    for name, wall in row["seconds"].items():
+      assert sum(row["cpu_seconds"][name]) <= 1.1 * sum(wall), (row["task"], name)
   markdown = open(tmp_path / json_name.replace(".json", ".md")).read()
   assert "## 1 thread" in markdown and "Cached encoder features" in markdown
 
