@@ -78,6 +78,8 @@ def _worker(args) -> list:
   from benchmarks.jax_dinomaly import make_config  # pylint: disable=g-import-not-at-top
 
   threads = int(os.environ["BENCH_THREADS"])
+  if args.impl != "jax":
+    timing.pin_torch_threads(threads)  # once per process, before torch's first parallel work
   rows = []
   for vit, size, batch in _parse_grid(args.grid):
     meta = dict(vit=vit, size=size, batch=batch, threads=threads)
@@ -92,7 +94,6 @@ def _worker(args) -> list:
 
 
 def _torch_rows(args, config, host_images, meta) -> list:
-  timing.pin_torch_threads(meta["threads"])
   from benchmarks import torch_dinomaly  # pylint: disable=g-import-not-at-top
   cfg, impl = config.model, args.impl.removeprefix("torch_")
   twin = torch_dinomaly.TorchTwin(meta["vit"], cfg.registers, cfg.target_layers, cfg.fuse_groups,
