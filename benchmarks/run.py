@@ -236,7 +236,8 @@ def main(argv=None):
     name = args.name or f"{facts['jax_backend']}-{facts['date'][:10]}"
     merged = _merge(rows)
     for row in merged:
-      print(report.row_line(row), flush=True)
+      if row["threads"] == threads:  # earlier thread counts were printed after their own run
+        print(report.row_line(row), flush=True)
     print("Wrote", *report.write(os.path.join(args.out, name), facts, merged))
 
 if __name__ == "__main__":
