@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dinomaly_jax.models import activations
+from dinomaly_jax.models import dense_grad
 from dinomaly_jax.models import structure
 
 ATTENTION_KINDS = structure.DECODER_ATTENTION_KINDS
@@ -29,7 +30,8 @@ DECODER_LN_EPS = 1e-8
 
 def _dense(features: int, name: str, dtype: Any, use_bias: bool = True) -> nn.Dense:
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, kernel_init=LINEAR_KERNEL_INIT,
-                  bias_init=nn.initializers.zeros, name=name)
+                  bias_init=nn.initializers.zeros, dot_general=dense_grad.dense_dot_general,
+                  name=name)
 
 
 def elu_feature_map(x: jax.Array) -> jax.Array:
