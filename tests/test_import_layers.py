@@ -2,7 +2,8 @@
 
 Every import is read with `ast`, including those inside functions, so a lazy import
 cannot hide a cycle. Layers (a module may import its own layer and those below):
-  0 utilities     dinomaly_jax.errors, dinomaly_jax.sharding, dinomaly_jax.storage
+  0 utilities     dinomaly_jax.errors, dinomaly_jax.sharding, dinomaly_jax.storage,
+                  dinomaly_jax.compiler_options
   1 foundations   dinomaly_jax.models, dinomaly_jax.data
   2 setup         dinomaly_jax.config, dinomaly_jax.weights
   3 evaluation    dinomaly_jax.evaluation
@@ -22,6 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("dinomaly_jax", "weight_conversion", "benchmarks", "configs", "tests")
 LAYERS = [  # (module prefix, layer); the longest matching prefix wins
     ("dinomaly_jax.errors", 0), ("dinomaly_jax.sharding", 0), ("dinomaly_jax.storage", 0),
+    ("dinomaly_jax.compiler_options", 0),
     ("dinomaly_jax.models", 1), ("dinomaly_jax.data", 1),
     ("dinomaly_jax.config", 2), ("dinomaly_jax.weights", 2),
     ("dinomaly_jax.evaluation", 3), ("dinomaly_jax.training", 4), ("dinomaly_jax.inference", 5),

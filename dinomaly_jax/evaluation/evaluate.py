@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from dinomaly_jax import compiler_options
 from dinomaly_jax import sharding
 from dinomaly_jax import storage
 from dinomaly_jax.data import calibration as data_calibration
@@ -29,9 +30,13 @@ POOLED = calibration.POOLED  # the threshold over all classes' test images, for 
 
 def make_map_fn(model, config: ml_collections.ConfigDict):
   """jit: (variables, images (B, H, W, 3)) -> (maps (B, S, S), scores (B,))."""
+  return jax.jit(map_function(model, config), compiler_options=compiler_options.heavy_jit_options())
+
+
+def map_function(model, config: ml_collections.ConfigDict):
+  """(variables, images (B, H, W, 3)) -> (maps (B, S, S), scores (B,)), not jitted (to nest)."""
   e = config.eval
 
-  @jax.jit
   def map_fn(variables, images):
     enc_groups, dec_groups = model.apply(variables, images, train=False)
     maps = anomaly_map.anomaly_map(

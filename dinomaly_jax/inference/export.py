@@ -36,7 +36,7 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
   config.model.attention_impl = "xla"  # portable, and traceable with a symbolic batch size
   mesh = sharding.make_mesh()
   model, state = model_state.load_trained(config, workdir, mesh)
-  map_fn = evaluate.make_map_fn(model, config)
+  map_fn = evaluate.map_function(model, config)
   variables = jax.device_get(model_state.variables(state))
   leaves, treedef = jax.tree.flatten(variables)
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from dinomaly_jax import compiler_options
 from dinomaly_jax import sharding
 from dinomaly_jax.data import pipeline
 from dinomaly_jax.data import transforms
@@ -109,7 +110,8 @@ def build_cache(model: Dinomaly, encoder_params, records, data_config, mesh, *, 
   images = (grain.MapDataset.source(list(positions)).map(load).batch(batch_size)
             .to_iter_dataset(grain.ReadOptions(num_threads=pipeline.IN_PROCESS_THREADS,
                                                prefetch_buffer_size=2)))
-  encode = jax.jit(lambda p, x: model.apply({"params": {"encoder": p}}, x, method=Dinomaly.encode))
+  encode = jax.jit(lambda p, x: model.apply({"params": {"encoder": p}}, x, method=Dinomaly.encode),
+                   compiler_options=compiler_options.heavy_jit_options())
   for g, batch in enumerate(images):
     bottleneck_input, enc_groups = encode(encoder_params,
                                           sharding.global_batch({"x": batch}, mesh)["x"])

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dinomaly_jax import compiler_options
 from dinomaly_jax import sharding
 from dinomaly_jax.models.dinomaly import Dinomaly
 from dinomaly_jax.training import losses
@@ -103,4 +104,5 @@ def make_train_step(model: Dinomaly, config, mesh, from_features: bool = False):
 
   replicated = sharding.replicated(mesh)
   return jax.jit(train_step, in_shardings=(replicated, sharding.data_sharding(mesh)),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+                 out_shardings=(replicated, replicated), donate_argnums=(0,),
+                 compiler_options=compiler_options.heavy_jit_options())
