@@ -49,9 +49,9 @@ def _timed_loop(fn, calls: int) -> float:
 def inference(jm: JaxDinomaly, batch: int, calls: int) -> dict:
   images = jm.images(batch)
   fn, compile_s = jm.compile_inference(images)
-  ep, p = jm.state.encoder_params, jm.state.params
-  jax.block_until_ready(fn(ep, p, images))
-  seconds = _timed_loop(lambda: fn(ep, p, images), calls)
+  variables = jm.variables()
+  jax.block_until_ready(fn(variables, images))
+  seconds = _timed_loop(lambda: fn(variables, images), calls)
   return {"batch": batch, "compile_s": compile_s, "seconds_per_batch": seconds,
           "images_per_s": batch / seconds,
           "vs_published_58.1": batch / seconds / PUBLISHED_IMAGES_PER_S}

@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dinomaly_jax import compiler_options
 from dinomaly_jax import sharding
 from dinomaly_jax.config.defaults import base_config
 from dinomaly_jax.config.defaults import set_vit
-from dinomaly_jax.evaluation import anomaly_map
+from dinomaly_jax.evaluation import evaluate
 from dinomaly_jax.models import dinomaly
 from dinomaly_jax.training import feature_cache
 from dinomaly_jax.training import train_step
@@ -47,22 +48,17 @@ class JaxDinomaly:
   def compile_encoder(self, images):
     """images -> the target layers' outputs, list of (B, N, D)."""
     encoder, layers = self.model.encoder, list(self.model.target_layers)
-    fn = jax.jit(lambda p, x: encoder.apply({"params": p}, x, layers))
+    fn = jax.jit(lambda p, x: encoder.apply({"params": p}, x, layers),
+                 compiler_options=compiler_options.heavy_jit_options())
     return _compiled(fn, self.state.encoder_params, images)
 
   def compile_inference(self, images):
-    """images -> (anomaly maps (B, 256, 256), image scores (B,))."""
-    model, ec = self.model, self.config.eval
+    """images -> (anomaly maps (B, 256, 256), image scores (B,)): evaluation's own function."""
+    return _compiled(evaluate.make_map_fn(self.model, self.config), self.variables(), images)
 
-    def infer(encoder_params, params, x):
-      enc_groups, dec_groups = model.apply({"params": {"encoder": encoder_params, **params}}, x,
-                                           train=False)
-      maps = anomaly_map.anomaly_map(enc_groups, dec_groups, x.shape[1:3], map_size=ec.map_size,
-                                     gaussian_size=ec.gaussian_size,
-                                     gaussian_sigma=ec.gaussian_sigma)
-      return maps, anomaly_map.image_score(maps, ec.top_ratio)
-
-    return _compiled(jax.jit(infer), self.state.encoder_params, self.state.params, images)
+  def variables(self):
+    """The model's variables as evaluation takes them."""
+    return {"params": {"encoder": self.state.encoder_params, **self.state.params}}
 
   def compile_train_step(self, batch, from_features: bool = False):
     """(state, batch) -> (state, metrics), state donated."""

@@ -124,9 +124,9 @@ def _jax_rows(args, config, host_images, meta) -> list:
                            args.repeats, _cost_gflop(fn), meta))
   if "inference" in args.tasks:
     infer, _ = jm.compile_inference(images)
-    ep, p = jm.state.encoder_params, jm.state.params
+    variables = jm.variables()
     rows.append(_time_task("inference",
-                           {"jax": lambda: jax.block_until_ready(infer(ep, p, images))},
+                           {"jax": lambda: jax.block_until_ready(infer(variables, images))},
                            args.repeats, _cost_gflop(infer), meta))
   if "train" in args.tasks:
     step, _ = jm.compile_train_step(sharding.global_batch(host, jm.mesh))
