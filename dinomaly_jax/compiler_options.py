@@ -6,8 +6,8 @@ benchmarks run on, XLA's other CPU path (Eigen) ran Dinomaly's products faster o
 core: (2048 x 384) @ (384 x 1536) at 114 GFLOP/s against 106, (3136 x 3072) @
 (3072 x 768) at 111 against 91; the whole ViT-S/224 batch-8 train step took 3.32 s
 against 3.47 s with YNNPACK products (both with models/dense_grad.py's weight
-gradients). So on CPU the products go to Eigen and only
-reductions (the softmax's max and sum) stay on YNNPACK. Other backends get no options.
+gradients). So on CPU the products go to Eigen and only reductions (the softmax's max
+and sum) stay on YNNPACK. Other backends get no options.
 
 A user who sets `--xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS keeps their
 choice; a jaxlib without the option gets none (checked once, on a tiny function).

@@ -10,7 +10,7 @@ smaller (g^T x when F < D) and transposes the small (F, D) result, behind an
 optimization barrier so that XLA does not fold the transpose back into the product.
 
 The gradients are the same sums as autodiff's (tests/test_dense_grad.py checks them
-to 1e-6; on the decoder's shapes they came out bit for bit equal). Only a Dense
+to 1e-6; in a 4-block MLP at the ViT-S decoder's shapes they came out bit for bit equal). Only a Dense
 layer's inputs-times-kernel product on CPU goes through here; other backends and other
 contractions use lax.dot_general unchanged.
 """
