@@ -2,7 +2,8 @@
 
 Runs `benchmarks.run` (JAX vs the reference procedure in torch, 1 thread and all cores,
 ViT-S/224 batch 8 and ViT-B/392 batch 4) and `benchmarks.eval_e2e` (the whole evaluation
-of 500 generated images, and predict per image). Took 37 minutes on 2 idle cores.
+of 500 generated images, and predict per image). Took 52 minutes on 2 idle cores
+(benchmarks.run 31, eval_e2e with 5 runs a side 21).
 """
 import argparse
 

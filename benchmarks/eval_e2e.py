@@ -1,13 +1,14 @@
 """The whole evaluation, dataset folder to the seven metrics, this project vs the reference's
 procedure, with the same weights; and the per-image cost of predict.
 
-  python -m benchmarks.eval_e2e [--out benchmarks/results] [--good 50 --bad 75] [--quick]
+  python -m benchmarks.eval_e2e [--out benchmarks/results] [--good 50 --bad 75] [--repeats 5] [--quick]
 
 Generates an MVTec-layout dataset (dinomaly_jax.data.synthetic; 4 classes, by default
 4 x (50 good + 75 defective) = 500 test images of 256 px with their masks), builds a
 random-weight Dinomaly ViT-S in PyTorch (benchmarks/torch_dinomaly.py), saves it as a
 reference (ViTill) checkpoint and converts it with weight_conversion, so that both sides
-hold the same weights. Then, each as a fresh process timed from start to its report:
+hold the same weights. Then, each as a fresh process timed from start to its report,
+the two evaluations alternating `--repeats` times (median [min-max] of the runs):
   jax:       python -m dinomaly_jax.main --mode=eval (the project's evaluation);
   reference: python -m benchmarks.reference_eval (the reference's evaluation_batch
              procedure: torch maps, scikit-learn metrics, per-threshold skimage AUPRO);
@@ -59,10 +60,12 @@ def main(argv=None):
   parser.add_argument("--out", default="benchmarks/results")
   parser.add_argument("--good", type=int, default=50, help="good test images per class")
   parser.add_argument("--bad", type=int, default=75, help="defective test images per class")
+  parser.add_argument("--repeats", type=int, default=timing.MIN_REPEATS,
+                      help="runs of each evaluation, alternating (--quick: 1)")
   parser.add_argument("--quick", action="store_true", help="2 + 2 images per class (smoke run)")
   args = parser.parse_args(argv)
   if args.quick:
-    args.good, args.bad = 2, 2
+    args.good, args.bad, args.repeats = 2, 2, 1
   import torch  # pylint: disable=g-import-not-at-top
   from benchmarks import torch_dinomaly  # pylint: disable=g-import-not-at-top
   from dinomaly_jax.config.defaults import base_config  # pylint: disable=g-import-not-at-top
@@ -91,19 +94,22 @@ def main(argv=None):
     result["test_images"] = len(images)
     print(f"{len(images)} test images; load {timing.load_average()}", flush=True)
 
-    workdir = os.path.join(tmp, "run")
-    os.makedirs(workdir)  # eval writes its thresholds there
-    jax_eval = _timed([sys.executable, "-m", "dinomaly_jax.main", "--mode=eval",
-                       *_jax_config_args(root, weights, workdir)])
-    print(f"jax eval {jax_eval['seconds']:.1f}s", flush=True)
-    ref_eval = _timed([sys.executable, "-m", "benchmarks.reference_eval", "--root", root,
-                       "--checkpoint", checkpoint, "--vit", "small", "--resize", str(RESIZE),
-                       "--crop", str(CROP)])
-    print(f"reference eval {ref_eval['seconds']:.1f}s", flush=True)
-    reference = json.loads(ref_eval.pop("stdout").strip().splitlines()[-1])
-    result["jax_eval"] = dict(jax_eval, report=_jax_report(workdir))
-    result["jax_eval"]["stdout"] = result["jax_eval"]["stdout"][-3000:]
-    result["reference_eval"] = dict(ref_eval, metrics=reference["metrics"])
+    jax_runs, ref_runs = [], []
+    for run in range(args.repeats):
+      workdir = os.path.join(tmp, f"run{run}")
+      os.makedirs(workdir)  # eval writes its thresholds there; a fresh one per run
+      jax_runs.append(_timed([sys.executable, "-m", "dinomaly_jax.main", "--mode=eval",
+                              *_jax_config_args(root, weights, workdir)]))
+      ref_runs.append(_timed([sys.executable, "-m", "benchmarks.reference_eval", "--root", root,
+                              "--checkpoint", checkpoint, "--vit", "small", "--resize",
+                              str(RESIZE), "--crop", str(CROP)]))
+      print(f"run {run + 1}/{args.repeats}: jax eval {jax_runs[-1]['seconds']:.1f}s, reference eval "
+            f"{ref_runs[-1]['seconds']:.1f}s", flush=True)
+    workdir = os.path.join(tmp, "run0")
+    reference = json.loads(ref_runs[0]["stdout"].strip().splitlines()[-1])
+    result["jax_eval"] = _runs(jax_runs, report=_jax_report(workdir),
+                               stdout=jax_runs[-1]["stdout"][-3000:])
+    result["reference_eval"] = _runs(ref_runs, metrics=reference["metrics"])
 
     predict = {}
     for name, pattern in (("one", images[0]), ("all", os.path.join(root, "*", "test", "*", "*.png"))):
@@ -125,6 +131,18 @@ def main(argv=None):
   print("Wrote", stem + ".json", stem + ".md")
 
 
+def _runs(runs, **extra) -> dict:
+  """Timed runs -> their seconds' summary, each run's seconds and load before/after."""
+  seconds = [run["seconds"] for run in runs]
+  return dict(extra, summary=timing.summary(seconds), seconds=seconds,
+              load=[[run["load_before"], run["load_after"]] for run in runs])
+
+
+def _load_range(runs) -> str:
+  loads = [x for pair in runs["load"] for x in pair]
+  return f"{min(loads)}-{max(loads)}"
+
+
 def _metric_gap(r) -> float:
   """Max |project - reference| over the seven mean metrics, in percentage points."""
   ours = r["jax_eval"]["report"]["mean"]
@@ -138,14 +156,16 @@ def markdown(r) -> str:
            f"with 4 registers at {r['crop']}, random weights shared by both sides (a reference "
            "checkpoint converted with weight_conversion); all cores "
            f"({r['facts']['cpu_cores']}, {r['facts']['cpu']}).",
-           "- Each side is one fresh process timed from start to its metrics (start-up, model "
-           "load, JIT compile, image decoding, maps, all seven metrics incl. AUPRO).", "",
-           "| procedure | wall s | load before/after |", "|---|---|---|",
-           f"| this project (`--mode=eval`) | {j['seconds']:.1f} | {j['load_before']} / "
-           f"{j['load_after']} |",
-           f"| reference procedure in torch (benchmarks/reference_eval.py) | {ref['seconds']:.1f} | "
-           f"{ref['load_before']} / {ref['load_after']} |",
-           f"| ratio (reference / project) | {ref['seconds'] / j['seconds']:.2f}x | |", "",
+           "- Each run is one fresh process timed from start to its metrics (start-up, model "
+           "load, JIT compile, image decoding, maps, all seven metrics incl. AUPRO); the two "
+           f"sides alternate, {len(j['seconds'])} runs each: median [min-max] seconds.", "",
+           "| procedure | wall s | load before/after, range over the runs |", "|---|---|---|",
+           f"| this project (`--mode=eval`) | {timing.fmt_seconds(j['summary'])} | "
+           f"{_load_range(j)} |",
+           "| reference procedure in torch (benchmarks/reference_eval.py) | "
+           f"{timing.fmt_seconds(ref['summary'])} | {_load_range(ref)} |",
+           "| ratio (reference / project) | "
+           f"{timing.fmt_ratio(timing.ratio(ref['summary'], j['summary']))} | |", "",
            f"Predict (`--mode=predict`, heatmap PNG per image): {p['per_image_s'] * 1e3:.0f} ms per "
            f"image ({p['all']['seconds']:.1f} s for all, {p['one']['seconds']:.1f} s for one "
            "image, i.e. start-up and compile).", "",
