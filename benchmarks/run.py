@@ -50,22 +50,20 @@ def _cost_gflop(compiled) -> float:
   return cost["flops"] / 1e9
 
 
-def _time_task(task, fns: dict, repeats: int, gflop: float, meta: dict) -> dict:
-  """Warm-up call per implementation (timed as its compile/first call), then repeats."""
-  row = dict(meta, task=task, gflop=gflop, first_call_s={}, errors={})
+def _time_task(task, name: str, fn, repeats: int, gflop: float, meta: dict) -> dict:
+  """One implementation's row: a warm-up call (timed as its compile/first call), then
+  `repeats` timed calls; a failing warm-up is recorded as the implementation's error."""
+  row = dict(meta, task=task, gflop=gflop, first_call_s={}, errors={}, seconds={},
+             cpu_seconds={})
   load_before = timing.load_average()
-  ready = {}
-  for name, fn in fns.items():
-    start = time.perf_counter()
-    try:
-      fn()
-    except Exception as e:  # pylint: disable=broad-except  (torch.compile may fail on a CPU)
-      row["errors"][name] = f"{type(e).__name__}: {str(e)[:300]}"
-      continue
+  start = time.perf_counter()
+  try:
+    fn()
+  except Exception as e:  # pylint: disable=broad-except  (torch.compile may fail on a CPU)
+    row["errors"][name] = f"{type(e).__name__}: {str(e)[:300]}"
+  else:
     row["first_call_s"][name] = time.perf_counter() - start
-    ready[name] = fn
-  row["cpu_seconds"] = {}
-  row["seconds"] = timing.interleaved_times(ready, repeats, row["cpu_seconds"])
+    row["seconds"][name], row["cpu_seconds"][name] = timing.timed_calls(fn, repeats)
   row["load_before"], row["load_after"] = load_before, timing.load_average()
   print(report.row_line(row), flush=True)
   return row
@@ -103,7 +101,7 @@ def _torch_rows(args, config, host_images, meta) -> list:
   calls = {"encoder": lambda: twin.encoder_forward(host_images),
            "inference": lambda: twin.inference(host_images),
            "train": lambda: twin.train_step(host_images)}
-  return [_time_task(task, {args.impl: calls[task]}, args.repeats, None, meta)
+  return [_time_task(task, args.impl, calls[task], args.repeats, None, meta)
           for task in args.tasks if task in calls]
 
 
@@ -120,13 +118,13 @@ def _jax_rows(args, config, host_images, meta) -> list:
   if "encoder" in args.tasks:
     fn, _ = jm.compile_encoder(images)
     p = jm.state.encoder_params
-    rows.append(_time_task("encoder", {"jax": lambda: jax.block_until_ready(fn(p, images))},
+    rows.append(_time_task("encoder", "jax", lambda: jax.block_until_ready(fn(p, images)),
                            args.repeats, _cost_gflop(fn), meta))
   if "inference" in args.tasks:
     infer, _ = jm.compile_inference(images)
     variables = jm.variables()
-    rows.append(_time_task("inference",
-                           {"jax": lambda: jax.block_until_ready(infer(variables, images))},
+    rows.append(_time_task("inference", "jax",
+                           lambda: jax.block_until_ready(infer(variables, images)),
                            args.repeats, _cost_gflop(infer), meta))
   if "train" in args.tasks:
     step, _ = jm.compile_train_step(sharding.global_batch(host, jm.mesh))
@@ -136,7 +134,7 @@ def _jax_rows(args, config, host_images, meta) -> list:
       holder["state"], metrics = step(holder["state"], sharding.global_batch(host, jm.mesh))
       jax.block_until_ready(metrics)
 
-    rows.append(_time_task("train", {"jax": jax_step}, args.repeats, _cost_gflop(step), meta))
+    rows.append(_time_task("train", "jax", jax_step, args.repeats, _cost_gflop(step), meta))
   if "train_cached" in args.tasks:  # bfloat16 host features, cast on the device as in training
     features = jm.cached_features(images)
     cast = feature_cache.make_assemble(jm.mesh, 1)  # one process: the cast to float32
@@ -149,7 +147,7 @@ def _jax_rows(args, config, host_images, meta) -> list:
                                                cast(sharding.global_batch(features, jm.mesh)))
       jax.block_until_ready(metrics)
 
-    rows.append(_time_task("train_cached", {"jax_cached": cached_step}, args.repeats,
+    rows.append(_time_task("train_cached", "jax_cached", cached_step, args.repeats,
                            _cost_gflop(cached), meta))
   return rows
 
@@ -239,6 +237,7 @@ def main(argv=None):
       if row["threads"] == threads:  # earlier thread counts were printed after their own run
         print(report.row_line(row), flush=True)
     print("Wrote", *report.write(os.path.join(args.out, name), facts, merged))
+
 
 if __name__ == "__main__":
   main()

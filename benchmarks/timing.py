@@ -55,20 +55,16 @@ def load_average() -> float:
   return round(os.getloadavg()[0], 2)
 
 
-def interleaved_times(fns: dict, repeats: int, cpu_times: dict = None) -> dict:
-  """Calls each (already warm) fn `repeats` times, alternating between them so that
-  load from other processes hits all alike; returns each fn's list of wall seconds.
-  `cpu_times`, if given, receives each fn's list of process CPU seconds per call (CPU /
-  wall = the cores the call kept busy)."""
-  times = {name: [] for name in fns}
+def timed_calls(fn, repeats: int) -> tuple[list, list]:
+  """Calls the (already warm) fn `repeats` times: (wall seconds, process CPU seconds) per
+  call (CPU / wall = the cores the call kept busy)."""
+  wall, cpu = [], []
   for _ in range(repeats):
-    for name, fn in fns.items():
-      cpu, start = cpu_seconds(), time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
-      if cpu_times is not None:
-        cpu_times.setdefault(name, []).append(cpu_seconds() - cpu)
-  return times
+    cpu_start, start = cpu_seconds(), time.perf_counter()
+    fn()
+    wall.append(time.perf_counter() - start)
+    cpu.append(cpu_seconds() - cpu_start)
+  return wall, cpu
 
 
 def summary(seconds) -> dict:
@@ -154,8 +150,8 @@ def matmul_gflops(framework: str, n: int = 1024, repeats: int = MIN_REPEATS) -> 
     ta = torch.from_numpy(a)
     fn = lambda: ta @ ta
   fn()
-  times = interleaved_times({framework: fn}, repeats)[framework]
-  return round(2 * n**3 / statistics.median(times) / 1e9, 1)
+  wall, _ = timed_calls(fn, repeats)
+  return round(2 * n**3 / statistics.median(wall) / 1e9, 1)
 
 
 def write_results(path, results: list) -> None:
