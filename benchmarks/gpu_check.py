@@ -60,7 +60,7 @@ def inference(jm: JaxDinomaly, batch: int, calls: int) -> dict:
 def train(jm: JaxDinomaly, steps: int) -> dict:
   batch = jm.config.train.batch_size
   host = {"image": np.array(jm.images(batch))}
-  device_batch = sharding.global_batch(host, jm.mesh)
+  device_batch = sharding.global_batch(host, jm.mesh, "train.batch_size")
   step, compile_s = jm.compile_train_step(device_batch)
   holder = {"state": jm.fresh_state()}
 
@@ -70,7 +70,7 @@ def train(jm: JaxDinomaly, steps: int) -> dict:
 
   jax.block_until_ready(one(lambda: device_batch))
   on_device = _timed_loop(lambda: one(lambda: device_batch), steps)
-  from_host = _timed_loop(lambda: one(lambda: sharding.global_batch(host, jm.mesh)), steps)
+  from_host = _timed_loop(lambda: one(lambda: sharding.global_batch(host, jm.mesh, "train.batch_size")), steps)
   loss = float(jax.device_get(one(lambda: device_batch))["loss"])
   return {"batch": batch, "compile_s": compile_s, "step_s_device_batch": on_device,
           "step_s_host_batch": from_host, "images_per_s": batch / from_host,
@@ -80,14 +80,14 @@ def train(jm: JaxDinomaly, steps: int) -> dict:
 
 def train_cached(jm: JaxDinomaly, steps: int) -> dict:
   host = {"image": np.array(jm.images(jm.config.train.batch_size))}
-  features = jm.cached_features(sharding.global_batch(host, jm.mesh)["image"])
+  features = jm.cached_features(sharding.global_batch(host, jm.mesh, "train.batch_size")["image"])
   cast = feature_cache.make_assemble(jm.mesh, 1)  # one process: the cast to float32
-  step, compile_s = jm.compile_train_step(cast(sharding.global_batch(features, jm.mesh)),
+  step, compile_s = jm.compile_train_step(cast(sharding.global_batch(features, jm.mesh, "train.batch_size")),
                                           from_features=True)
   holder = {"state": jm.fresh_state()}
 
   def one():
-    holder["state"], metrics = step(holder["state"], cast(sharding.global_batch(features, jm.mesh)))
+    holder["state"], metrics = step(holder["state"], cast(sharding.global_batch(features, jm.mesh, "train.batch_size")))
     return metrics
 
   jax.block_until_ready(one())

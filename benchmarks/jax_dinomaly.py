@@ -43,7 +43,7 @@ class JaxDinomaly:
 
   def images(self, batch: int, seed: int = 0):
     x = np.random.default_rng(seed).standard_normal((batch, self.size, self.size, 3), np.float32)
-    return sharding.global_batch({"image": x}, self.mesh)["image"]
+    return sharding.global_batch({"image": x}, self.mesh, "train.batch_size")["image"]
 
   def compile_encoder(self, images):
     """images -> the target layers' outputs, list of (B, N, D)."""

@@ -3,7 +3,7 @@
   python -m benchmarks.predict_throughput [--image-size 256] [--crop 112] [--images 48]
 
 Generates a synthetic dataset (image_size px PNGs), trains the demo model (ViT-S, random
-encoder) for 3 steps, then times the evaluation map loop (`evaluate.predict_records`: grain
+encoder) for 3 steps, then times the evaluation map loop (`evaluate.score_records`: grain
 pipeline, maps and scores) and prediction (`predict.predict_paths`: host resize, batches of
 one compiled shape, a heatmap PNG and a CSV row per image) over the same test images.
 Target: prediction within 1.5x of evaluation (ratio = eval images/s / predict images/s).
@@ -47,13 +47,13 @@ def main():
   variables = model_state.variables(state)
   map_fn = evaluate.make_map_fn(model, config)
   records = index.build_records(config.data, "test")
-  evaluate.predict_records(config, map_fn, variables, records, mesh)  # compiles
+  evaluate.score_records(config, map_fn, variables, records, mesh)  # compiles
   start = time.perf_counter()
-  evaluate.predict_records(config, map_fn, variables, records, mesh)
+  evaluate.score_records(config, map_fn, variables, records, mesh)
   eval_rate = len(records) / (time.perf_counter() - start)
-  thresholds = calibration.load(workdir)  # the class calibrations the run wrote
+  calibrations = calibration.load(workdir)  # the class calibrations the run wrote
   paths = [r.image_path for r in records]
-  _, predict_rate = predict.predict_paths(config, map_fn, variables, paths, thresholds,
+  _, predict_rate = predict.predict_paths(config, map_fn, variables, paths, calibrations,
                                           os.path.join(tmp, "predictions"), mesh)
   print(f"{len(paths)} images of {args.image_size}x{args.image_size} px, ViT-S at {args.crop}, "
         f"batch {config.eval.batch_size}, {jax.device_count()} {jax.devices()[0].platform} device(s): "

@@ -113,7 +113,7 @@ def _jax_rows(args, config, host_images, meta) -> list:
 
   jm = JaxDinomaly(config)
   host = {"image": host_images}
-  images = sharding.global_batch(host, jm.mesh)["image"]
+  images = sharding.global_batch(host, jm.mesh, "train.batch_size")["image"]
   rows = []
   if "encoder" in args.tasks:
     fn, _ = jm.compile_encoder(images)
@@ -127,24 +127,24 @@ def _jax_rows(args, config, host_images, meta) -> list:
                            lambda: jax.block_until_ready(infer(variables, images)),
                            args.repeats, _cost_gflop(infer), meta))
   if "train" in args.tasks:
-    step, _ = jm.compile_train_step(sharding.global_batch(host, jm.mesh))
+    step, _ = jm.compile_train_step(sharding.global_batch(host, jm.mesh, "train.batch_size"))
     holder = {"state": jm.fresh_state()}
 
     def jax_step():
-      holder["state"], metrics = step(holder["state"], sharding.global_batch(host, jm.mesh))
+      holder["state"], metrics = step(holder["state"], sharding.global_batch(host, jm.mesh, "train.batch_size"))
       jax.block_until_ready(metrics)
 
     rows.append(_time_task("train", "jax", jax_step, args.repeats, _cost_gflop(step), meta))
   if "train_cached" in args.tasks:  # bfloat16 host features, cast on the device as in training
     features = jm.cached_features(images)
     cast = feature_cache.make_assemble(jm.mesh, 1)  # one process: the cast to float32
-    cached, _ = jm.compile_train_step(cast(sharding.global_batch(features, jm.mesh)),
+    cached, _ = jm.compile_train_step(cast(sharding.global_batch(features, jm.mesh, "train.batch_size")),
                                       from_features=True)
     cached_holder = {"state": jm.fresh_state()}
 
     def cached_step():
       cached_holder["state"], metrics = cached(cached_holder["state"],
-                                               cast(sharding.global_batch(features, jm.mesh)))
+                                               cast(sharding.global_batch(features, jm.mesh, "train.batch_size")))
       jax.block_until_ready(metrics)
 
     rows.append(_time_task("train_cached", "jax_cached", cached_step, args.repeats,

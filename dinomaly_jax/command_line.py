@@ -19,7 +19,7 @@ from dinomaly_jax.config import saved
 
 VERBOSE_ENV = "DINOMALY_JAX_VERBOSE"
 SAVED_CONFIG_MODES = ("eval", "predict", "export")  # they always use the saved config
-_SAVED_LOADER = os.path.abspath(saved.__file__)
+_SAVED_LOADER = os.path.abspath(saved.__file__)  # host-local: this package's own file
 
 
 def verbose(argv) -> bool:

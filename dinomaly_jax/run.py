@@ -4,7 +4,6 @@ The entry layer: it validates the config, starts the multi-host runtime, and cal
 the stages (training, evaluation, inference); nothing below imports it.
 """
 import copy
-import os
 
 import jax
 import ml_collections
@@ -22,9 +21,7 @@ from dinomaly_jax.evaluation import report
 from dinomaly_jax.inference import export
 from dinomaly_jax.inference import predict
 from dinomaly_jax.training import model_state
-from dinomaly_jax.training import preflight
 from dinomaly_jax.training import train
-from dinomaly_jax.weights import checkpoint
 from dinomaly_jax.weights import encoder_weights
 
 
@@ -55,11 +52,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def evaluate_workdir(config, workdir, step: int | None = None) -> dict:
   """Eval mode: restores the latest (or given) checkpoint of `workdir` and evaluates it."""
   records = data_index.build_records(config.data, "test")
-  preflight.check_evaluation(config)
+  evaluate.check_inputs(config)
   mesh = sharding.make_mesh()
   model, state = model_state.load_trained(config, workdir, mesh, step)
-  if not saved.exists_in(workdir):  # a new work directory (a converted reference model) starts here
-    checkpoint.save_config(workdir, config)
+  # A new work directory (a converted reference model) starts here; one answer for every host.
+  if not storage.primary_decides(saved.exists_in(workdir)):
+    saved.save(workdir, config)
   return evaluate.evaluate(config, workdir, model, model_state.variables(state), records,
                            step=int(state.step), mesh=mesh)
 
@@ -67,9 +65,9 @@ def evaluate_workdir(config, workdir, step: int | None = None) -> dict:
 def _use_demo_data(config, workdir) -> None:
   """Generates the demo dataset once on each host's own disk, and points data.root at it:
   <workdir>/demo_data for a local work directory, else the host's cache folder."""
-  root = (os.path.join(storage.local_cache_dir(), f"demo_data_seed{config.seed}")
-          if storage.is_url(workdir) else os.path.join(workdir, "demo_data"))
-  if not os.path.isdir(root) and jax.process_index() == 0:
+  root = (storage.join(storage.local_cache_dir(), f"demo_data_seed{config.seed}")
+          if storage.is_url(workdir) else storage.join(workdir, "demo_data"))
+  if not storage.isdir(root) and storage.is_primary():
     print(f"Generating the demo dataset in {root} ...", flush=True)
   config.data.root = storage.make_local_once(root, lambda tmp: synthetic.generate(tmp, seed=config.seed))
 
@@ -81,10 +79,10 @@ def _per_class(config, workdir, fn) -> dict:
     c = copy.deepcopy(config)
     c.data.classes = (name,)
     result = fn(c, storage.join(workdir, name))
-    if jax.process_index() == 0:
+    if storage.is_primary():
       per_class[name] = result["classes"][name]
       inspection[name] = result["inspection"][name]
-  if jax.process_index() != 0:
+  if not storage.is_primary():
     return {}
   out_dir = storage.join(workdir, "eval")
   result = report.write_report(out_dir, per_class, dataset=config.data.layout,

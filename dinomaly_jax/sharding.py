@@ -13,7 +13,21 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 import numpy as np
 
+from dinomaly_jax.errors import ConfigError
+
 DATA_AXIS = "data"
+
+
+def check_batch(field: str, batch: int, process_count: int, local_devices: int) -> None:
+  """A global batch (config.<field>) must split evenly over processes, and each share over
+  the process's local devices."""
+  per_process = batch // process_count
+  if batch % process_count or per_process % local_devices:
+    unit = process_count * local_devices
+    raise ConfigError(
+        f"config.{field}={batch} must be a multiple of {unit} ({process_count} processes x "
+        f"{local_devices} devices per process) so that every device gets the same number of "
+        f"images; use e.g. {max(unit, batch // unit * unit)}.")
 
 
 def maybe_initialize_distributed() -> bool:
@@ -58,11 +72,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def global_batch(local_batch, mesh: Mesh):
+def global_batch(local_batch, mesh: Mesh, batch_field: str):
   """Pytree (dict) of this process's numpy arrays -> global jax.Arrays split on "data".
 
   Every process passes its own rows; the global batch is their concatenation in
-  process order. The local batch must split evenly over the local devices.
+  process order. The local batch must split evenly over the local devices; the error
+  names `batch_field`, the config field that sets the running mode's batch ("eval.batch_size").
   """
   local_devices = len([d for d in mesh.devices.flat if d.process_index == jax.process_index()])
   sharding = data_sharding(mesh)
@@ -72,7 +87,7 @@ def global_batch(local_batch, mesh: Mesh):
     if x.ndim == 0 or x.shape[0] % local_devices:
       raise ValueError(f"batch array of shape {x.shape}: the per-process batch (leading axis) "
                        f"must be a multiple of the {local_devices} local devices; adjust "
-                       "train.batch_size.")
+                       f"config.{batch_field}.")
     return jax.make_array_from_process_local_data(sharding, x)
 
   return jax.tree.map(to_global, local_batch)

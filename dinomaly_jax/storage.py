@@ -5,9 +5,10 @@ extra); orbax (checkpoints) uses epath and tensorstore itself. Paths stay plain 
 the rest of the package; this module is the only place that opens, lists or writes them.
 
 Shared files on a pod: no host may assume it sees another host's disk, and two hosts
-never write the same object. `write_shared` has process 0 write atomically (a temporary
-file renamed over the target locally; one object PUT on an object store, which readers see
-whole or not at all) and makes every process wait at a barrier before anyone reads it.
+never write the same object. One rule decides who writes them: `is_primary()` (process 0).
+`write_shared` has the primary process write atomically (a temporary file renamed over the
+target locally; one object PUT on an object store, which readers see whole or not at all) and,
+given a barrier name, makes every process wait there before anyone reads it.
 """
 import glob as glob_lib
 import io
@@ -20,12 +21,21 @@ from etils import epath
 import fsspec
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 
 URL_SCHEMES = ("gs://", "s3://")
 
-# Other hosts write to the same buckets: never answer exists/list from a cached listing.
-for _protocol in ("gs", "gcs", "s3", "s3a"):
-  fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
+_fsspec_configured = False
+
+
+def _configure_fsspec() -> None:
+  """Before the first URL is opened: other hosts write to the same buckets, so fsspec must
+  never answer exists/list from a cached listing (set once, not at import)."""
+  global _fsspec_configured
+  if not _fsspec_configured:
+    for protocol in ("gs", "gcs", "s3", "s3a"):
+      fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+    _fsspec_configured = True
 
 
 def is_url(path) -> bool:
@@ -33,7 +43,15 @@ def is_url(path) -> bool:
 
 
 def as_path(path) -> epath.Path:
+  if is_url(path):
+    _configure_fsspec()
   return epath.Path(path)
+
+
+def is_primary() -> bool:
+  """Whether this process writes the files every process shares, and speaks for the job on
+  the console: process 0. The one place that rule is decided."""
+  return jax.process_index() == 0
 
 
 def join(*parts) -> str:
@@ -43,26 +61,83 @@ def join(*parts) -> str:
   return os.path.join(*map(str, parts))
 
 
+def _pathmod(path):
+  return posixpath if is_url(path) else os.path
+
+
+def dirname(path) -> str:
+  return _pathmod(path).dirname(str(path))
+
+
+def basename(path) -> str:
+  return _pathmod(path).basename(str(path))
+
+
+def normpath(path) -> str:
+  """A local path normalised (no "..", ".", trailing separator); a URL without a trailing "/"."""
+  return str(path).rstrip("/") if is_url(path) else os.path.normpath(path)
+
+
+def relpath(path, start) -> str:
+  """`path` relative to the folder `start` (both local, or both URLs)."""
+  if is_url(path):
+    start = str(start).rstrip("/") + "/"
+    if not str(path).startswith(start):
+      raise ValueError(f"{path} is not under {start}")
+    return str(path)[len(start):].rstrip("/")
+  return os.path.relpath(path, start or os.curdir)
+
+
+def parts(path) -> list[str]:
+  """The folder names and file name of a path ("gs://b/x/y.png" -> ["gs:", "b", "x", "y.png"])."""
+  if is_url(path):
+    return [p for p in str(path).split("/") if p]
+  return os.path.normpath(path).split(os.sep)
+
+
+def common_folder(paths: list[str]) -> str:
+  """The deepest folder holding every one of `paths` (files; all local or all URLs)."""
+  if not is_url(paths[0]):
+    return os.path.dirname(paths[0]) if len(paths) == 1 else os.path.commonpath(paths)
+  common = paths[0].split("/")[:-1]
+  for path in paths[1:]:
+    folder = path.split("/")[:-1]
+    n = 0
+    while n < min(len(common), len(folder)) and common[n] == folder[n]:
+      n += 1
+    common = common[:n]
+  return "/".join(common)
+
+
 def absolute(path) -> str:
   """A URL unchanged; a local path made absolute (orbax wants absolute paths)."""
   return str(path) if is_url(path) else os.path.abspath(path)
 
 
 def exists(path) -> bool:
-  return as_path(path).exists()
+  return as_path(path).exists() if is_url(path) else os.path.exists(path)
 
 
 def isdir(path) -> bool:
-  return as_path(path).is_dir()
+  return as_path(path).is_dir() if is_url(path) else os.path.isdir(path)
 
 
 def isfile(path) -> bool:
+  if not is_url(path):
+    return os.path.isfile(path)
   p = as_path(path)
   return p.exists() and not p.is_dir()
 
 
 def size(path) -> int:
-  return as_path(path).stat().length
+  return as_path(path).stat().length if is_url(path) else os.path.getsize(path)
+
+
+def listdir(folder) -> list[str]:
+  """The names (not paths) of a folder's entries, sorted."""
+  if not is_url(folder):
+    return sorted(os.listdir(folder))
+  return sorted(p.name for p in as_path(folder).iterdir())
 
 
 def makedirs(path) -> None:
@@ -79,8 +154,17 @@ def read_bytes(path) -> bytes:
   return as_path(path).read_bytes()
 
 
+def read_tail(path, n: int) -> bytes:
+  """The last `n` bytes of a file (all of it if shorter)."""
+  with as_path(path).open("rb") as f:
+    f.seek(max(0, size(path) - n))
+    return f.read()
+
+
 def write_bytes(path, data: bytes) -> None:
-  """Writes atomically: readers see the old content or the new one, never a part."""
+  """This process writes `path` atomically: readers see the old content or the new one, never
+  a part. For this host's own files and single-process tools; files of the job go through
+  write_shared."""
   if is_url(path):
     as_path(path).write_bytes(data)  # one object PUT
     return
@@ -95,22 +179,38 @@ def write_text(path, text: str) -> None:
   write_bytes(path, text.encode())
 
 
-def write_shared(path, data: bytes | str, barrier: str) -> None:
-  """Process 0 writes `path` atomically; every process returns once it is there."""
-  if jax.process_index() == 0:
+def primary_decides(value: bool) -> bool:
+  """The primary process's `value` on every process: a decision several hosts must share
+  (does this file exist yet?) is taken once, never on each host. Call it on every process."""
+  if jax.process_count() == 1:
+    return bool(value)
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(value, np.bool_)))
+
+
+def write_shared(path, data: bytes | str, barrier: str | None = None) -> None:
+  """A file of the job (work directory, predictions, export): the primary process writes
+  `path` atomically, the others write nothing.
+
+  With a barrier name, every process returns only once the file is there (call it on every
+  process); without one, the others return at once (files no process reads back in the run).
+  """
+  if is_primary():
     write_bytes(path, data.encode() if isinstance(data, str) else data)
-  if jax.process_count() > 1:
+  if barrier is not None and jax.process_count() > 1:
     multihost_utils.sync_global_devices(barrier)
 
 
-def buffered_writer(path, write_fn) -> None:
-  """Calls write_fn(file object) on an in-memory buffer, then writes it atomically to path.
-
-  For writers that need a seekable file (matplotlib, numpy) on any storage.
-  """
+def encoded(write_fn) -> bytes:
+  """The bytes write_fn(file object) writes into an in-memory buffer (matplotlib, numpy and
+  PIL need a seekable file)."""
   buf = io.BytesIO()
   write_fn(buf)
-  write_bytes(path, buf.getvalue())
+  return buf.getvalue()
+
+
+def write_shared_with(path, write_fn, barrier: str | None = None) -> None:
+  """write_shared of what write_fn(file object) writes (encoded only on the primary process)."""
+  write_shared(path, encoded(write_fn) if is_primary() else b"", barrier)
 
 
 def glob(pattern: str) -> list[str]:
@@ -125,17 +225,21 @@ def glob(pattern: str) -> list[str]:
   return [str(p) for p in root.glob("/".join(parts[first:]))]
 
 
-def walk_files(folder: str) -> list[str]:
-  """Every file under `folder`, recursively."""
+def walk_files(folder: str, *, skip_hidden: bool = False) -> list[str]:
+  """Every file under `folder`, recursively, sorted within each folder; skip_hidden leaves
+  out files and folders whose name starts with "." (".DS_Store", ".git")."""
+  keep = (lambda name: not name.startswith(".")) if skip_hidden else (lambda name: True)
   if not is_url(folder):
-    return [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files]
-  out = []
-  for child in as_path(folder).iterdir():
-    if child.is_dir():
-      out.extend(walk_files(str(child)))
-    else:
-      out.append(str(child))
-  return out
+    found = []
+    for parent, dirs, files in os.walk(folder):
+      dirs[:] = sorted(d for d in dirs if keep(d))
+      found += [os.path.join(parent, f) for f in sorted(files) if keep(f)]
+    return found
+  files, dirs = [], []
+  for child in sorted(as_path(folder).iterdir(), key=lambda p: p.name):
+    if keep(child.name):
+      (dirs if child.is_dir() else files).append(str(child))
+  return files + [f for d in dirs for f in walk_files(d, skip_hidden=skip_hidden)]
 
 
 def copy_tree(src: str, dst: str) -> None:

@@ -9,6 +9,7 @@ from matplotlib import image as mpl_image
 import numpy as np
 import pytest
 
+from dinomaly_jax.config import saved as saved_config
 from dinomaly_jax.data import calibration as data_calibration
 from dinomaly_jax.data import index as data_index
 from dinomaly_jax.data import synthetic
@@ -19,7 +20,6 @@ from dinomaly_jax.evaluation import calibration
 from dinomaly_jax.evaluation import html_report
 from dinomaly_jax.evaluation import inspection
 from dinomaly_jax.evaluation import pictures
-from dinomaly_jax.weights import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -146,10 +146,10 @@ def test_workdirs_saved_before_calibration_resume_and_may_calibrate_later(tmp_pa
   del saved["data"]["calibration"]  # as written before the calibration split and the spike guard
   for k in [k for k in saved["train"] if k.startswith("spike_")]:
     del saved["train"][k]
-  (tmp_path / checkpoint.CONFIG_FILE).write_text(json.dumps(saved))
-  checkpoint.check_compatible(str(tmp_path), config)  # resumes
+  (tmp_path / saved_config.CONFIG_FILE).write_text(json.dumps(saved))
+  saved_config.check_compatible(str(tmp_path), config)  # resumes
   config.data.calibration.folder = "/data/normal_only"  # calibrating a trained run later is allowed
-  checkpoint.check_compatible(str(tmp_path), config)
+  saved_config.check_compatible(str(tmp_path), config)
   config.data.calibration.fraction = 0.2  # a different training set is not
   with pytest.raises(IncompatibleWorkdirError, match="config.data.calibration.fraction: saved 0.0, now 0.2"):
-    checkpoint.check_compatible(str(tmp_path), config)
+    saved_config.check_compatible(str(tmp_path), config)

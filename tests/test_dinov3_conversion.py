@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from dinomaly_jax.config import saved as saved_config
 from dinomaly_jax.errors import CheckpointError
 from dinomaly_jax.errors import EncoderWeightsError
 from dinomaly_jax.errors import IncompatibleWorkdirError
 from dinomaly_jax.models import dinov3
-from dinomaly_jax.weights import checkpoint
 from dinomaly_jax.weights import convert as weights_convert
 from dinomaly_jax.weights import converted
 from dinomaly_jax.weights import encoder_weights
@@ -104,10 +104,10 @@ def test_workdirs_saved_before_the_family_field_are_dinov2(tmp_path):
   config = importlib.import_module("configs.mvtec").get_config()
   saved = json.loads(config.to_json())
   del saved["model"]["family"]  # as written before DINOv3 support
-  (tmp_path / checkpoint.CONFIG_FILE).write_text(json.dumps(saved))
-  checkpoint.check_compatible(str(tmp_path), config)  # resumes
+  (tmp_path / saved_config.CONFIG_FILE).write_text(json.dumps(saved))
+  saved_config.check_compatible(str(tmp_path), config)  # resumes
   with pytest.raises(IncompatibleWorkdirError, match="config.model.family: saved 'dinov2', now 'dinov3'"):
-    checkpoint.check_compatible(str(tmp_path), importlib.import_module("configs.mvtec").get_config(
+    saved_config.check_compatible(str(tmp_path), importlib.import_module("configs.mvtec").get_config(
         "encoder=dinov3_vitb16"))
 
 

@@ -59,7 +59,7 @@ def _state(config, mesh):
 def _train(batches, step_fn, config, mesh):
   state, losses = _state(config, mesh), []
   for _ in range(STEPS):
-    state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
+    state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh, "train.batch_size"))
     losses.append(float(metrics["loss"]))
   return jax.device_get(state.params), np.array(losses)
 

@@ -57,12 +57,12 @@ def test_train_writes_report_thresholds_pictures_logs(trained):
   assert "| brick |" in open(os.path.join(workdir, "eval", "report.md")).read()
   with open(os.path.join(workdir, evaluate.THRESHOLDS_FILE)) as f:
     thresholds = json.load(f)
-  assert set(thresholds) == {"brick", "nut", evaluate.POOLED}
+  assert set(thresholds) == {"brick", "nut", calibration.POOLED}
   # The demo config holds 20% of train/good out: 2 of the 8 images per class calibrate.
   cals = calibration.load(workdir)
-  assert set(cals) == {"brick", "nut", evaluate.POOLED}
+  assert set(cals) == {"brick", "nut", calibration.POOLED}
   assert all(c.source == calibration.FROM_CALIBRATION and c.num_images == 2 for n, c in cals.items()
-             if n != evaluate.POOLED) and cals[evaluate.POOLED].num_images == 4
+             if n != calibration.POOLED) and cals[calibration.POOLED].num_images == 4
   inspection = report["inspection"]["nut"]
   assert inspection["threshold"] == pytest.approx(cals["nut"].threshold)
   assert inspection["normal_test_images"] == 3 and inspection["anomalous_test_images"] == 3
@@ -156,7 +156,7 @@ def test_export_reloads_and_gives_the_same_maps(trained, data_root):
   np.testing.assert_allclose(exported["scores"], np.asarray(scores), atol=1e-5)
   # Normalised with each image's class (the third: pooled) and decided at its threshold.
   cals = calibration.load(workdir)
-  for i, name in enumerate(["brick", "nut", evaluate.POOLED]):
+  for i, name in enumerate(["brick", "nut", calibration.POOLED]):
     c = cals[name]
     np.testing.assert_allclose(exported["normalised_scores"][i], c.normalise(exported["scores"][i]), rtol=1e-5)
     np.testing.assert_allclose(exported["normalised_maps"][i], c.normalise(exported["maps"][i]),

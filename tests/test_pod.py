@@ -71,11 +71,11 @@ def test_batches_must_split_over_processes_and_devices(batch, processes, devices
   config = base_config()
   config.train.batch_size = batch
   if ok:
-    preflight.check_batches(config, processes, devices, train=True)
+    sharding.check_batch("train.batch_size", config.train.batch_size, processes, devices)
   else:
     with pytest.raises(ConfigError, match=rf"config.train.batch_size={batch} must be a multiple of "
                                           rf"{processes * devices} \({processes} processes x {devices}"):
-      preflight.check_batches(config, processes, devices, train=True)
+      sharding.check_batch("train.batch_size", config.train.batch_size, processes, devices)
 
 
 def test_eval_batch_is_checked_before_step_0_from_the_command_line(tmp_path):

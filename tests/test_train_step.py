@@ -72,7 +72,7 @@ def _run(steps, dropout=0.2, lr=2e-3, num_devices=1, seed=0, from_features=False
              "enc_groups": [np.asarray(g) for g in enc_groups]}
   else:
     local = {"image": images}
-  batch = sharding.global_batch(local, mesh)
+  batch = sharding.global_batch(local, mesh, "train.batch_size")
   history = []
   for _ in range(steps):
     state, metrics = step_fn(state, batch)
@@ -144,7 +144,7 @@ def _parity_main():
   diff = max_diff(one.params, four.params)
   moved = max_diff(one.params, _initial_state(lr=2e-4).params)
   try:
-    sharding.global_batch({"image": np.zeros((6, 2), np.float32)}, sharding.make_mesh())
+    sharding.global_batch({"image": np.zeros((6, 2), np.float32)}, sharding.make_mesh(), "train.batch_size")
     uneven_rejected = False
   except ValueError:
     uneven_rejected = True
@@ -178,4 +178,4 @@ def test_distributed_start_up_reads_the_environment(monkeypatch):
 
 def test_global_batch_rejects_a_scalar():
   with pytest.raises(ValueError, match="train.batch_size"):
-    sharding.global_batch({"image": np.zeros((), np.float32)}, sharding.make_mesh())
+    sharding.global_batch({"image": np.zeros((), np.float32)}, sharding.make_mesh(), "train.batch_size")

@@ -6,12 +6,12 @@ of the seed and of the file order), or `folder` names normal images of your own,
 (for a single-class folder dataset the images may sit in `<folder>` itself).
 Both off: no calibration split (the protocol trains on all of train/good).
 """
-import os
 import zlib
 
 import numpy as np
 
-from dinomaly_jax.data import mvtec
+from dinomaly_jax import storage
+from dinomaly_jax.data import image_files
 from dinomaly_jax.data.records import GOOD
 from dinomaly_jax.data.records import Record
 from dinomaly_jax.errors import DataError
@@ -64,16 +64,16 @@ def split_train(records: list[Record], fraction: float) -> tuple[list[Record], l
 
 def folder_records(folder: str, classes: list[str]) -> list[Record]:
   """Normal calibration records from `<folder>/<class>/` (or `<folder>` for one class)."""
-  if not os.path.isdir(folder):
+  if not storage.isdir(folder):
     raise DataError(f"{folder}: calibration folder (config.data.calibration.folder) not found.")
   records = []
   for name in classes:
-    class_dir = os.path.join(folder, name)
-    if not os.path.isdir(class_dir) and len(classes) == 1:
+    class_dir = storage.join(folder, name)
+    if not storage.isdir(class_dir) and len(classes) == 1:
       class_dir = folder
-    images = mvtec.list_images(class_dir) if os.path.isdir(class_dir) else []
+    images = image_files.list_images(class_dir) if storage.isdir(class_dir) else []
     if not images:
       raise DataError(f"{class_dir}: no calibration images of class {name!r}; expected normal "
-                      f"images ({', '.join(mvtec.IMAGE_EXTENSIONS)}) in <folder>/<class>/.")
+                      f"images ({', '.join(image_files.IMAGE_EXTENSIONS)}) in <folder>/<class>/.")
     records += [Record(p, name, 0, GOOD, None) for p in images]
   return records

@@ -10,20 +10,19 @@
 Defective images without masks have mask_path None: their ground truth is all zero, so
 pixel metrics of such a class say nothing.
 """
-import os
-
+from dinomaly_jax import storage
 from dinomaly_jax.data import mvtec
 from dinomaly_jax.data.records import Record
 
 
 def _is_class_folder(root: str) -> bool:
-  return os.path.isdir(os.path.join(root, "train")) or os.path.isdir(os.path.join(root, "test"))
+  return storage.isdir(storage.join(root, "train")) or storage.isdir(storage.join(root, "test"))
 
 
 def list_classes(root: str) -> list[str]:
   mvtec.check_root(root)
   if _is_class_folder(root):
-    return [os.path.basename(os.path.normpath(root))]
+    return [storage.basename(storage.normpath(root))]
   return mvtec.list_classes(root)
 
 
@@ -36,5 +35,5 @@ def ignored_paths(root: str, classes: list[str]) -> list[str]:
 def class_records(root: str, class_name: str, split: str) -> list[Record]:
   mvtec.check_root(root)
   if _is_class_folder(root):
-    root = os.path.dirname(os.path.normpath(root))
+    root = storage.dirname(storage.normpath(root))
   return mvtec.class_records(root, class_name, split, masks_required=False)

@@ -1,7 +1,7 @@
 """data_config -> records: dispatches on data_config.layout (or reads a packed dataset)."""
-import os
 import sys
 
+from dinomaly_jax import storage
 from dinomaly_jax.data import calibration
 from dinomaly_jax.data import folder
 from dinomaly_jax.data import mvtec
@@ -81,7 +81,7 @@ def _warn_ignored(data_config, classes) -> None:
   _WARNED.add(root)
   ignored = layout.ignored_paths(root, classes)
   if ignored:
-    shown = ", ".join(os.path.relpath(p, root) + ("/" if p.endswith(os.sep) else "")
+    shown = ", ".join(storage.relpath(p, root) + ("/" if p.endswith("/") else "")
                       for p in ignored[:MAX_LISTED])
     more = f" and {len(ignored) - MAX_LISTED} more" if len(ignored) > MAX_LISTED else ""
     print(f"warning: {root}: ignored {len(ignored)} files or folders that are not images "

@@ -22,7 +22,6 @@ import multiprocessing
 import os
 import tempfile
 
-from etils import epath
 import numpy as np
 from PIL import Image
 
@@ -72,9 +71,9 @@ def write(records: dict[str, list[Record]], out_dir: str, resize: int, workers: 
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from tensorflow_datasets.core import example_serializer  # pylint: disable=g-import-not-at-top
-  if os.path.exists(os.path.join(out_dir, METADATA_FILE)):
+  if storage.exists(storage.join(out_dir, METADATA_FILE)):
     raise DataError(f"{out_dir}: already holds a packed dataset; expected a new folder.")
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   features = _features(resize)
   serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
   pool = (futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
@@ -99,7 +98,7 @@ def write(records: dict[str, list[Record]], out_dir: str, resize: int, workers: 
               features.encode_example({"image": image, "mask": mask})))
         writer.close()
         lengths.append(count)
-        num_bytes += os.path.getsize(path)
+        num_bytes += storage.size(path)
       split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=lengths,
                                              num_bytes=num_bytes, filename_template=template))
   finally:
@@ -110,17 +109,16 @@ def write(records: dict[str, list[Record]], out_dir: str, resize: int, workers: 
       filename_template=FILE_TEMPLATE, check_data=False, description=description)
   metadata = {"resize": resize,
               "splits": {s: [vars(r) for r in rs] for s, rs in records.items()}}
-  with open(os.path.join(out_dir, METADATA_FILE), "w") as f:
-    json.dump(metadata, f)
+  storage.write_text(storage.join(out_dir, METADATA_FILE), json.dumps(metadata))
 
 
 def _metadata(packed: str, resize: int | None = None) -> dict:
-  """The pack's dinomaly_pack.json (epath: local or cloud paths); checks its resize."""
-  path = epath.Path(packed) / METADATA_FILE
-  if not path.exists():
+  """The pack's dinomaly_pack.json (local or cloud paths); checks its resize."""
+  path = storage.join(packed, METADATA_FILE)
+  if not storage.exists(path):
     raise DataError(f"{packed}: not a packed dataset (no {METADATA_FILE}); expected a folder "
                     "written by `python -m dinomaly_jax.data.pack`.")
-  meta = json.loads(path.read_text())
+  meta = json.loads(storage.read_text(path))
   if resize is not None and meta["resize"] != resize:
     raise DataError(f"{packed}: packed at resize {meta['resize']} but config.data.resize is "
                     f"{resize}; expected equal (pack again or change the config).")
@@ -146,8 +144,8 @@ def local_copy(packed: str, meta: dict) -> str:
   if not storage.is_url(packed):
     return packed
   key = hashlib.sha1((packed + json.dumps(meta, sort_keys=True)).encode()).hexdigest()[:16]
-  folder = os.path.join(storage.local_cache_dir(), "packs", key)
-  if not os.path.isdir(folder):
+  folder = storage.join(storage.local_cache_dir(), "packs", key)
+  if not storage.isdir(folder):
     print(f"Copying the packed dataset {packed} to this host ({folder}), once.", flush=True)
   return storage.make_local_once(folder, lambda tmp: storage.copy_tree(packed, tmp))
 

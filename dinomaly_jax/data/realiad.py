@@ -7,8 +7,8 @@ Each JSON sample has `image_path` and `mask_path` relative to realiad_1024/<clas
 `anomaly_class` ("OK" = normal).
 """
 import json
-import os
 
+from dinomaly_jax import storage
 from dinomaly_jax.data import mvtec
 from dinomaly_jax.data.records import GOOD
 from dinomaly_jax.data.records import Record
@@ -20,22 +20,21 @@ NORMAL_CLASS = "OK"
 
 def json_dir(root: str) -> str:
   mvtec.check_root(root)
-  for candidate in (os.path.join(root, "realiad_jsons", "realiad_jsons"),
-                    os.path.join(root, "realiad_jsons")):
-    if os.path.isdir(candidate) and any(f.endswith(".json") for f in os.listdir(candidate)):
+  for candidate in (storage.join(root, "realiad_jsons", "realiad_jsons"),
+                    storage.join(root, "realiad_jsons")):
+    if storage.isdir(candidate) and any(f.endswith(".json") for f in storage.listdir(candidate)):
       return candidate
   raise DataError(f"{root}/realiad_jsons/realiad_jsons: folder of the Real-IAD JSON splits "
                   "(<class>.json) not found.")
 
 
 def list_classes(root: str) -> list[str]:
-  return sorted(f[:-len(".json")] for f in os.listdir(json_dir(root)) if f.endswith(".json"))
+  return sorted(f[:-len(".json")] for f in storage.listdir(json_dir(root)) if f.endswith(".json"))
 
 
 def _load_split(path: str, split: str) -> list:
   try:
-    with open(path) as f:
-      samples = json.load(f)[split]
+    samples = json.loads(storage.read_text(path))[split]
   except FileNotFoundError:
     raise DataError(f"{path}: Real-IAD class JSON not found.") from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -48,9 +47,9 @@ def _load_split(path: str, split: str) -> list:
 
 
 def class_records(root: str, class_name: str, split: str) -> list[Record]:
-  path = os.path.join(json_dir(root), class_name + ".json")
-  image_dir = os.path.join(root, IMAGES_DIR, class_name)
-  if not os.path.isdir(image_dir):
+  path = storage.join(json_dir(root), class_name + ".json")
+  image_dir = storage.join(root, IMAGES_DIR, class_name)
+  if not storage.isdir(image_dir):
     raise DataError(f"{image_dir}: class folder not found.")
   records = []
   for i, s in enumerate(_load_split(path, split)):
@@ -61,11 +60,11 @@ def class_records(root: str, class_name: str, split: str) -> list[Record]:
     label = int(kind != NORMAL_CLASS)
     mask = s.get("mask_path") if label else None
     if label and not mask:
-      raise DataError(f"{os.path.join(image_dir, image)}: defective image without a mask; "
+      raise DataError(f"{storage.join(image_dir, image)}: defective image without a mask; "
                       f"expected a 'mask_path' in {path} {split}[{i}].")
-    records.append(Record(os.path.join(image_dir, image), class_name, label,
+    records.append(Record(storage.join(image_dir, image), class_name, label,
                           GOOD if not label else kind,
-                          os.path.join(image_dir, mask) if mask else None))
+                          storage.join(image_dir, mask) if mask else None))
   if not records:
     raise DataError(f"{path}: the {split!r} list is empty; expected its {split} images.")
   return records

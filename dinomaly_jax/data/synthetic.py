@@ -13,12 +13,13 @@ number), not on which other classes are generated.
 """
 import functools
 import math
-import os
 
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 import skimage.data
+
+from dinomaly_jax import storage
 
 TEXTURES = {"brick": (1.0, 0.62, 0.48), "grass": (0.62, 0.95, 0.5), "gravel": (0.9, 0.88, 0.8)}
 OBJECTS = ("nut", "pill")
@@ -213,9 +214,8 @@ def generate(root: str, *, seed: int = 0, classes=DEFAULT_CLASSES, image_size: i
     raise ValueError(f"Unknown synthetic classes {unknown}; expected some of {list(CLASSES)}.")
 
   def save(array, *parts):
-    path = os.path.join(root, *parts)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(array).save(path)
+    picture = Image.fromarray(array)
+    storage.write_bytes(storage.join(root, *parts), storage.encoded(lambda f: picture.save(f, format="PNG")))
 
   for name in classes:
     c = CLASSES.index(name)

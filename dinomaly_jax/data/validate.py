@@ -5,10 +5,10 @@ exists, is an image, is complete (PNG ends with IEND, JPEG with EOI; other forma
 files failing the quick test are fully decoded), and a mask has its image's size.
 """
 from concurrent import futures
-import os
 
 from PIL import Image
 
+from dinomaly_jax import storage
 from dinomaly_jax.data import transforms
 from dinomaly_jax.data.records import Record
 from dinomaly_jax.errors import DataError
@@ -17,23 +17,17 @@ _PNG_END = b"IEND\xaeB`\x82"
 _JPEG_END = b"\xff\xd9"
 
 
-def _tail(path: str, n: int = 64) -> bytes:
-  with open(path, "rb") as f:
-    f.seek(max(0, os.path.getsize(path) - n))
-    return f.read()
-
-
 def _looks_complete(path: str, fmt: str | None) -> bool:
   if fmt == "PNG":
-    return _tail(path).endswith(_PNG_END)
+    return storage.read_tail(path, 64).endswith(_PNG_END)
   if fmt == "JPEG":
-    return _tail(path).rstrip(b"\x00\r\n ").endswith(_JPEG_END)
+    return storage.read_tail(path, 64).rstrip(b"\x00\r\n ").endswith(_JPEG_END)
   return False
 
 
 def check_image(path: str, what: str = "image") -> tuple[int, int]:
   """Returns (height, width) of a readable, complete image file; DataError otherwise."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise DataError(f"{path}: {what} file not found.")
   img = transforms.open_image(path)
   with img:

@@ -4,8 +4,7 @@
 
 `root` may be the folder holding 1cls/ or 1cls/ itself.
 """
-import os
-
+from dinomaly_jax import storage
 from dinomaly_jax.data import mvtec
 from dinomaly_jax.data.records import Record
 
@@ -14,8 +13,8 @@ SPLIT_NAME = "1cls"
 
 def resolve_root(root: str) -> str:
   mvtec.check_root(root)
-  inner = os.path.join(root, SPLIT_NAME)
-  return inner if os.path.isdir(inner) else root
+  inner = storage.join(root, SPLIT_NAME)
+  return inner if storage.isdir(inner) else root
 
 
 def list_classes(root: str) -> list[str]:

@@ -9,8 +9,7 @@ images are binarised (non-zero -> 255) into ground_truth/bad/, as the reference'
 prepare_visa.py does.
 """
 import csv
-import os
-import shutil
+import io
 import sys
 
 from absl import app
@@ -18,6 +17,8 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
+from dinomaly_jax import storage
+from dinomaly_jax.data import transforms
 from dinomaly_jax.data import visa
 from dinomaly_jax.errors import DataError
 
@@ -25,13 +26,12 @@ COLUMNS = ("object", "split", "label", "image", "mask")
 
 
 def _read_rows(csv_path: str) -> list[dict]:
-  if not os.path.isfile(csv_path):
+  if not storage.isfile(csv_path):
     raise DataError(f"{csv_path}: split CSV not found; expected VisA's split_csv/1cls.csv.")
-  with open(csv_path, newline="") as f:
-    reader = csv.DictReader(f)
-    if tuple(reader.fieldnames or ()) != COLUMNS:
-      raise DataError(f"{csv_path}: columns are {reader.fieldnames}; expected {list(COLUMNS)}.")
-    rows = list(reader)
+  reader = csv.DictReader(io.StringIO(storage.read_text(csv_path), newline=""))
+  if tuple(reader.fieldnames or ()) != COLUMNS:
+    raise DataError(f"{csv_path}: columns are {reader.fieldnames}; expected {list(COLUMNS)}.")
+  rows = list(reader)
   for i, row in enumerate(rows):
     if row["split"] not in ("train", "test"):
       raise DataError(f"{csv_path}: row {i + 2} has split {row['split']!r}; expected train or test.")
@@ -40,27 +40,27 @@ def _read_rows(csv_path: str) -> list[dict]:
 
 def prepare(raw: str, out: str, csv_path: str | None = None) -> str:
   """Writes <out>/1cls from the raw release; returns that folder."""
-  if not os.path.isdir(raw):
+  if not storage.isdir(raw):
     raise DataError(f"{raw}: raw VisA folder not found.")
-  csv_path = csv_path or os.path.join(raw, "split_csv", "1cls.csv")
+  csv_path = csv_path or storage.join(raw, "split_csv", "1cls.csv")
   rows = _read_rows(csv_path)
-  target = os.path.join(out, visa.SPLIT_NAME)
+  target = storage.join(out, visa.SPLIT_NAME)
   for i, row in enumerate(rows):
     label = "good" if row["label"] == "normal" else "bad"
-    image = os.path.join(raw, row["image"])
-    if not os.path.isfile(image):
+    image = storage.join(raw, row["image"])
+    if not storage.isfile(image):
       raise DataError(f"{image}: image of {csv_path} row {i + 2} not found.")
-    image_dir = os.path.join(target, row["object"], row["split"], label)
-    os.makedirs(image_dir, exist_ok=True)
-    shutil.copyfile(image, os.path.join(image_dir, os.path.basename(row["image"])))
+    image_dir = storage.join(target, row["object"], row["split"], label)
+    storage.write_bytes(storage.join(image_dir, storage.basename(row["image"])), storage.read_bytes(image))
     if row["split"] == "test" and label == "bad":
-      mask = os.path.join(raw, row["mask"])
-      if not row["mask"] or not os.path.isfile(mask):
+      mask = storage.join(raw, row["mask"])
+      if not row["mask"] or not storage.isfile(mask):
         raise DataError(f"{mask}: mask of {csv_path} row {i + 2} not found.")
-      mask_dir = os.path.join(target, row["object"], "ground_truth", label)
-      os.makedirs(mask_dir, exist_ok=True)
-      binary = (np.asarray(Image.open(mask)) != 0).astype(np.uint8) * 255
-      Image.fromarray(binary).save(os.path.join(mask_dir, os.path.basename(row["mask"])))
+      mask_dir = storage.join(target, row["object"], "ground_truth", label)
+      with transforms.open_image(mask) as m:
+        binary = Image.fromarray((np.asarray(m) != 0).astype(np.uint8) * 255)
+      storage.write_bytes(storage.join(mask_dir, storage.basename(row["mask"])),
+                          storage.encoded(lambda f: binary.save(f, format="PNG")))
   return target
 
 

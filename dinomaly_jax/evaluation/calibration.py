@@ -79,9 +79,9 @@ def from_test_labels(scores, labels, maps, f1_threshold: float) -> ClassCalibrat
 
 
 def save(workdir: str, calibrations: dict[str, ClassCalibration]) -> str:
-  """Writes <workdir>/calibration.json atomically (local or gs:// / s3://); returns its path."""
+  """The primary process writes <workdir>/calibration.json atomically (local or gs:// / s3://); returns its path."""
   path = storage.join(workdir, CALIBRATION_FILE)
-  storage.write_text(path, json.dumps({name: {k: (None if isinstance(v, float) and np.isnan(v) else v)
+  storage.write_shared(path, json.dumps({name: {k: (None if isinstance(v, float) and np.isnan(v) else v)
                                               for k, v in dataclasses.asdict(c).items()}
                                        for name, c in calibrations.items()}, indent=2))
   return path

@@ -1,7 +1,8 @@
-"""The eval loop: anomaly maps for every test (and calibration) image, metrics per class,
-calibrated thresholds, reports (md, json, csv, html), pictures."""
+"""The eval loop, a short pipeline per class: score (anomaly maps for every test and
+calibration image), analyse (metrics, calibrated threshold, inspection figures), draw
+(pictures); then the pooled calibration and the reports (md, json, csv, html)."""
+import dataclasses
 import json
-import os
 
 import jax
 from jax.experimental import multihost_utils
@@ -25,7 +26,6 @@ from dinomaly_jax.evaluation import pictures
 from dinomaly_jax.evaluation import report
 
 THRESHOLDS_FILE = "thresholds.json"
-POOLED = calibration.POOLED  # the threshold over all classes' test images, for images of unknown class
 
 
 def make_map_fn(model, config: ml_collections.ConfigDict):
@@ -47,7 +47,14 @@ def map_function(model, config: ml_collections.ConfigDict):
   return map_fn
 
 
-def predict_records(config, map_fn, variables, records, mesh, desc="eval"):
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+  """Before any scoring (and before a training run's step 0): eval.batch_size splits evenly
+  over the processes and their local devices."""
+  sharding.check_batch("eval.batch_size", config.eval.batch_size, jax.process_count(),
+                       jax.local_device_count())
+
+
+def score_records(config, map_fn, variables, records, mesh, desc="eval"):
   """Maps, scores and masks (host numpy, in record order) for `records`, on all processes."""
   n = len(records)
   size = config.eval.map_size
@@ -60,9 +67,9 @@ def predict_records(config, map_fn, variables, records, mesh, desc="eval"):
   batches = pipeline.eval_iterator(records, config.data, batch_size=batch,
                                    process_index=jax.process_index(), process_count=n_proc)
   total = pipeline.num_eval_batches(n, batch, n_proc)
-  for local in tqdm(batches, total=total, desc=desc, disable=jax.process_index() != 0,
+  for local in tqdm(batches, total=total, desc=desc, disable=not storage.is_primary(),
                     dynamic_ncols=True, leave=False):
-    g = sharding.global_batch({"image": local["image"]}, mesh)
+    g = sharding.global_batch({"image": local["image"]}, mesh, "eval.batch_size")
     b_maps, b_scores = map_fn(variables, g["image"])
     b_maps, b_scores, idx, valid, b_masks = multihost_utils.process_allgather(
         (b_maps, b_scores, local["index"], local["valid"], local["mask"]), tiled=True)
@@ -75,6 +82,27 @@ def predict_records(config, map_fn, variables, records, mesh, desc="eval"):
   return maps, scores, masks
 
 
+@dataclasses.dataclass
+class ClassScores:
+  """One class's scored images (host numpy, in record order)."""
+  records: list  # the test records
+  maps: np.ndarray  # (N, S, S)
+  scores: np.ndarray  # (N,)
+  masks: np.ndarray  # (N, M, M) uint8, 0..255
+  labels: np.ndarray  # (N,) int32
+  calibration_maps: np.ndarray | None  # (K, S, S) of the calibration images; None without them
+  calibration_scores: np.ndarray | None  # (K,)
+
+
+@dataclasses.dataclass
+class ClassOutcome:
+  """What evaluation concludes about one class."""
+  metrics: dict  # the seven metrics
+  f1_threshold: float  # the image score reaching I-F1max (test labels)
+  calibration: calibration.ClassCalibration
+  inspection: dict  # decisions, per defect type, both mask conventions
+
+
 def _by_class(records) -> dict[str, list]:
   by_class = {}
   for r in records:
@@ -83,66 +111,122 @@ def _by_class(records) -> dict[str, list]:
 
 
 def evaluate(config, workdir, model, variables, records, *, step, mesh) -> dict:
-  """Scores every test record, writes the reports, thresholds, calibration and pictures (process 0).
+  """Scores every test record; the primary process writes the reports, thresholds, calibration
+  and pictures, and returns the report (the others return {}).
 
   `variables`: the Dinomaly module's variables ({"params": {encoder, bottleneck, decoder}}).
   The calibration images (config.data.calibration) are scored too: they set the decision
   thresholds and the normalisation (calibration.py); without them the test labels do.
+  One class at a time: score (every process), analyse, draw; then the pooled calibration
+  over all classes, then the reports.
   """
   map_fn = make_map_fn(model, config)
-  e = config.eval
   calibration_records = _by_class(data_index.build_records(config.data, "calibration"))
-  per_class, thresholds, calibrations, inspection, views = {}, {}, {}, {}, []
-  pooled = {"scores": [], "labels": [], "calibration": [], "maps": [], "test_maps": []}
   out_dir = storage.join(workdir, "eval")
+  outcomes, pooled, views = {}, _Pooled(), []
   for name, class_records in sorted(_by_class(records).items()):
-    maps, scores, masks = predict_records(config, map_fn, variables, class_records, mesh, desc=f"eval {name}")
-    if name in calibration_records:
-      cal_maps, cal_scores, _ = predict_records(config, map_fn, variables, calibration_records[name],
-                                                mesh, desc=f"calibrate {name}")
-    if jax.process_index() != 0:
-      continue
-    labels = np.array([r.label for r in class_records], np.int32)
-    pixel_args = dict(aupro=e.aupro, aupro_max_fpr=e.aupro_max_fpr, aupro_thresholds=e.aupro_thresholds)
-    per_class[name], best = metrics.class_metrics(scores, labels, maps, masks, with_thresholds=True,
-                                                  **pixel_args)
-    half = metrics.class_metrics(scores, labels, maps, masks >= transforms.MASK_HALF, **pixel_args)
-    thresholds[name] = float(best["image"])
-    if name in calibration_records:
-      cal = calibration.calibrate(cal_scores, cal_maps, e.target_fpr)
-      pooled["calibration"].append(cal_scores)
-      pooled["maps"].append(cal_maps[:, ::8, ::8])
-    else:
-      cal = calibration.from_test_labels(scores, labels, maps, best["image"])
-    pooled["test_maps"].append(maps[:, ::8, ::8])  # the pooled fallback picks the normal ones
-    calibrations[name] = cal
-    pooled["scores"].append(scores)
-    pooled["labels"].append(labels)
-    inspection[name] = inspection_lib.class_results(
-        scores, labels, [r.defect_type for r in class_records], cal, best["image"], per_class[name], half)
-    names = [os.path.relpath(r.image_path, config.data.root or "/") for r in class_records]
-    reader = pipeline.make_reader(class_records, config.data)  # packed or folders
-    display = lambda i, rd=reader: transforms.display_image(rd.image(i), config.data, e.map_size)
-    _save_pictures(config, out_dir, name, names, display, maps, masks, scores, labels, cal, best["image"])
-    views.append(html_report.class_view(name, names, scores, labels, maps, masks, cal, best["image"],
-                                        e.pictures_per_class, display))
-  if jax.process_index() != 0:
+    scored = _score_class(config, map_fn, variables, class_records, calibration_records.get(name), mesh)
+    if not storage.is_primary():
+      continue  # the scoring above is collective; the rest is the primary process's
+    outcomes[name] = _analyse_class(config.eval, scored)
+    pooled.add(scored)
+    views.append(_draw_class(config, out_dir, name, scored, outcomes[name]))
+  if not storage.is_primary():
     return {}
-  all_scores, all_labels = np.concatenate(pooled["scores"]), np.concatenate(pooled["labels"])
-  thresholds[POOLED] = float(metrics.image_f1_threshold(all_scores, all_labels))
-  calibrations[POOLED] = (
-      calibration.calibrate(np.concatenate(pooled["calibration"]), np.concatenate(pooled["maps"]),
-                            e.target_fpr)
-      if len(pooled["calibration"]) == len(per_class) else
-      calibration.from_test_labels(all_scores, all_labels, np.concatenate(pooled["test_maps"]),
-                                   thresholds[POOLED]))
+  return _write_results(config, workdir, out_dir, step, outcomes, pooled, views)
+
+
+def _score_class(config, map_fn, variables, class_records, calibration_records, mesh) -> ClassScores:
+  """Maps and scores of a class's test images and of its calibration images, if any."""
+  name = class_records[0].class_name
+  maps, scores, masks = score_records(config, map_fn, variables, class_records, mesh, desc=f"eval {name}")
+  cal_maps = cal_scores = None
+  if calibration_records:
+    cal_maps, cal_scores, _ = score_records(config, map_fn, variables, calibration_records, mesh,
+                                            desc=f"calibrate {name}")
+  labels = np.array([r.label for r in class_records], np.int32)
+  return ClassScores(class_records, maps, scores, masks, labels, cal_maps, cal_scores)
+
+
+def _analyse_class(eval_config, s: ClassScores) -> ClassOutcome:
+  """Metrics, the F1-optimal threshold, the calibration and the inspection figures of a class."""
+  pixel_args = dict(aupro=eval_config.aupro, aupro_max_fpr=eval_config.aupro_max_fpr,
+                    aupro_thresholds=eval_config.aupro_thresholds)
+  class_metrics, best = metrics.class_metrics(s.scores, s.labels, s.maps, s.masks, with_thresholds=True,
+                                              **pixel_args)
+  half = metrics.class_metrics(s.scores, s.labels, s.maps, s.masks >= transforms.MASK_HALF, **pixel_args)
+  if s.calibration_scores is not None:
+    cal = calibration.calibrate(s.calibration_scores, s.calibration_maps, eval_config.target_fpr)
+  else:
+    cal = calibration.from_test_labels(s.scores, s.labels, s.maps, best["image"])
+  inspection = inspection_lib.class_results(
+      s.scores, s.labels, [r.defect_type for r in s.records], cal, best["image"], class_metrics, half)
+  return ClassOutcome(class_metrics, float(best["image"]), cal, inspection)
+
+
+class _Pooled:
+  """The statistics over all classes, for images of unknown class (calibration.POOLED)."""
+
+  def __init__(self):
+    self.scores, self.labels, self.test_maps = [], [], []
+    self.calibration_scores, self.calibration_maps = [], []
+    self.classes = 0
+
+  def add(self, s: ClassScores) -> None:
+    self.classes += 1
+    self.scores.append(s.scores)
+    self.labels.append(s.labels)
+    self.test_maps.append(s.maps[:, ::8, ::8])  # the pooled fallback picks the normal ones
+    if s.calibration_scores is not None:
+      self.calibration_scores.append(s.calibration_scores)
+      self.calibration_maps.append(s.calibration_maps[:, ::8, ::8])
+
+  def f1_threshold(self) -> float:
+    return float(metrics.image_f1_threshold(np.concatenate(self.scores), np.concatenate(self.labels)))
+
+  def calibration(self, target_fpr: float) -> calibration.ClassCalibration:
+    """From every class's calibration images if every class has them, else the test labels."""
+    if len(self.calibration_scores) == self.classes:
+      return calibration.calibrate(np.concatenate(self.calibration_scores),
+                                   np.concatenate(self.calibration_maps), target_fpr)
+    return calibration.from_test_labels(np.concatenate(self.scores), np.concatenate(self.labels),
+                                        np.concatenate(self.test_maps), self.f1_threshold())
+
+
+def _draw_class(config, out_dir, name, s: ClassScores, outcome: ClassOutcome) -> dict:
+  """The class's pictures (written) and its view for report.html (returned)."""
+  e = config.eval
+  names = [_shown_name(r.image_path, config.data.root) for r in s.records]
+  reader = pipeline.make_reader(s.records, config.data)  # packed or folders
+  display = lambda i: transforms.display_image(reader.image(i), config.data, e.map_size)
+  _save_pictures(config, out_dir, name, names, display, s, outcome)
+  return html_report.class_view(name, names, s.scores, s.labels, s.maps, s.masks, outcome.calibration,
+                                outcome.f1_threshold, e.pictures_per_class, display)
+
+
+def _shown_name(path: str, root: str) -> str:
+  """An image's name in the reports: relative to the dataset root (a local path without one:
+  to "/"; a URL outside the root: the URL)."""
+  if storage.is_url(path):
+    return storage.relpath(path, root) if root and path.startswith(root.rstrip("/") + "/") else path
+  return storage.relpath(path, root or "/")
+
+
+def _write_results(config, workdir, out_dir, step, outcomes, pooled: _Pooled, views) -> dict:
+  """thresholds.json, calibration.json, the reports (md, json, csv, html); returns the report."""
+  e = config.eval
+  thresholds = {name: o.f1_threshold for name, o in outcomes.items()}
+  thresholds[calibration.POOLED] = pooled.f1_threshold()
+  calibrations = {name: o.calibration for name, o in outcomes.items()}
+  calibrations[calibration.POOLED] = pooled.calibration(e.target_fpr)
   thresholds_file = storage.join(workdir, THRESHOLDS_FILE)
-  storage.write_text(thresholds_file, json.dumps(thresholds, indent=2))
+  storage.write_shared(thresholds_file, json.dumps(thresholds, indent=2))
   calibration_file = calibration.save(workdir, calibrations)
   extra = {"random_encoder": bool(config.random_encoder), "target_fpr": e.target_fpr,
            "calibration": data_calibration.describe(config.data)}
-  result = report.write_report(out_dir, per_class, dataset=config.data.layout, extra=extra, step=step,
-                               inspection=inspection)
+  result = report.write_report(out_dir, {n: o.metrics for n, o in outcomes.items()},
+                               dataset=config.data.layout, extra=extra, step=step,
+                               inspection={n: o.inspection for n, o in outcomes.items()})
   html_file = html_report.write(out_dir, result, views)
   print(f"Report: {html_file} (.md, .json, .csv); pictures: {storage.join(out_dir, 'pictures')}; "
         f"thresholds and normalisation: {calibration_file} (F1-optimal on the test labels, for "
@@ -150,17 +234,18 @@ def evaluate(config, workdir, model, variables, records, *, step, mesh) -> dict:
   return result
 
 
-def _save_pictures(config, out_dir, name, names, display, maps, masks, scores, labels, cal,
-                   f1_threshold) -> None:
+def _save_pictures(config, out_dir, name, names, display, s: ClassScores, outcome: ClassOutcome) -> None:
   k = config.eval.pictures_per_class
   if not k:
     return
-  order = np.argsort(-labels, kind="stable")  # anomalous first, then normal ones
-  chosen = list(order[:max(k - 1, 1)]) + list(np.nonzero(labels == 0)[0][:1])
+  cal = outcome.calibration
+  order = np.argsort(-s.labels, kind="stable")  # anomalous first, then normal ones
+  chosen = list(order[:max(k - 1, 1)]) + list(np.nonzero(s.labels == 0)[0][:1])
   chosen = list(dict.fromkeys(int(i) for i in chosen))[:k]
   images = np.stack([display(i) for i in chosen])
   pic_dir = storage.join(out_dir, "pictures")
-  pictures.save_strips(pic_dir, name, images, masks[chosen], maps[chosen], cal.threshold,
+  pictures.save_strips(pic_dir, name, images, s.masks[chosen], s.maps[chosen], cal.threshold,
                        [names[i] for i in chosen], scale=cal.heat_range())
-  pictures.save_score_plots(pic_dir, name, scores, labels, {"calibrated threshold": cal.threshold,
-                                                            "F1-optimal (test labels)": f1_threshold})
+  pictures.save_score_plots(pic_dir, name, s.scores, s.labels,
+                            {"calibrated threshold": cal.threshold,
+                             "F1-optimal (test labels)": outcome.f1_threshold})

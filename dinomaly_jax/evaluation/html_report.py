@@ -13,12 +13,10 @@ data URIs, so the single file can be mailed.
 import base64
 import html
 import io
-import math
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
-from scipy import ndimage
 
 from dinomaly_jax import storage
 from dinomaly_jax.evaluation import inspection as inspection_lib
@@ -45,20 +43,13 @@ def _figure_uri(fig) -> str:
   return f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
 
-def _outline(picture: np.ndarray, region: np.ndarray, colour) -> np.ndarray:
-  edge = region & ~ndimage.binary_erosion(region, iterations=2)
-  out = picture.copy()
-  out[edge] = colour
-  return out
-
-
 def tile(image_uint8, mask, amap, cal: ClassCalibration) -> np.ndarray:
   """(S, S, 3) image, (S, S) ground truth, (S, S) map -> (S, 2S, 3): input | heatmap."""
   image = np.asarray(image_uint8)
   vmin, vmax = cal.heat_range()
   heat = pictures.overlay(image, np.asarray(amap), vmin, vmax)
-  return np.concatenate([_outline(image, np.asarray(mask) > 0, _GREEN),
-                         _outline(heat, np.asarray(amap) >= cal.threshold, _WHITE)], axis=1)
+  return np.concatenate([pictures.outline(image, np.asarray(mask) > 0, _GREEN),
+                         pictures.outline(heat, np.asarray(amap) >= cal.threshold, _WHITE)], axis=1)
 
 
 def strip_choices(scores, labels, threshold: float, k: int) -> dict[str, list[int]]:
@@ -117,10 +108,6 @@ def _is_number(cell) -> bool:
     return cell == "-"
 
 
-def _fmt(v: float) -> str:
-  return "-" if math.isnan(v) else f"{v:.2f}"
-
-
 def _class_section(view: dict) -> str:
   parts = [f'<section class="cls"><h3 id="class-{html.escape(view["name"])}">{html.escape(view["name"])}</h3>',
            f'<img class="fig" alt="scores of {html.escape(view["name"])}" src="{view["figure"]}">',
@@ -163,7 +150,7 @@ figcaption { word-break: break-all; }
 def write(out_dir: str, result: dict, views: list[dict]) -> str:
   """Writes <out_dir>/report.html from write_report's result and the class views."""
   title = report.title(result)
-  metric_rows = [[label, *(_fmt(v) for v in values)] for label, values in report.table_rows(result)]
+  metric_rows = [[label, *(report.format_value(v) for v in values)] for label, values in report.table_rows(result)]
   ins = result.get("inspection") or {}
   body = [f"<h1>{html.escape(title)}</h1>"]
   if result["extra"].get("random_encoder"):
@@ -196,5 +183,5 @@ def write(out_dir: str, result: dict, views: list[dict]) -> str:
           f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
           + "\n".join(body) + "\n</body></html>\n")
   path = storage.join(out_dir, HTML_FILE)
-  storage.write_text(path, page)
+  storage.write_shared(path, page)
   return path

@@ -44,7 +44,7 @@ def _safe(name: str) -> str:
 
 def _save(fig: Figure, path: str) -> None:
   FigureCanvasAgg(fig)
-  storage.buffered_writer(path, lambda f: fig.savefig(f, dpi=100, format="png"))
+  storage.write_shared_with(path, lambda f: fig.savefig(f, dpi=100, format="png"))
 
 
 def save_strips(out_dir: str, class_name: str, images_uint8, masks, maps, threshold: float,
@@ -126,6 +126,14 @@ def save_score_plots(out_dir: str, class_name: str, scores, labels, thresholds=N
   return path
 
 
+def outline(picture: np.ndarray, region: np.ndarray, colour) -> np.ndarray:
+  """A copy of `picture` (H, W, 3) with the 2-pixel edge of `region` (H, W) bool painted `colour`."""
+  edge = region & ~ndimage.binary_erosion(region, iterations=2)
+  out = picture.copy()
+  out[edge] = colour
+  return out
+
+
 def save_heatmap(path: str, original_uint8, full_map, threshold: float, scale=None) -> None:
   """One PNG at the original resolution: image | overlay with the map >= threshold outlined.
 
@@ -139,8 +147,7 @@ def save_heatmap(path: str, original_uint8, full_map, threshold: float, scale=No
   vmin, vmax = _color_range(amap, threshold, scale)
   painted = overlay(image[..., :3], amap, vmin, vmax)
   if np.isfinite(threshold):
-    region = amap >= threshold
-    painted[region & ~ndimage.binary_erosion(region, iterations=2)] = 255  # white outline
+    painted = outline(painted, amap >= threshold, 255)  # white
   # Fast zlib level: a predicted folder writes one such PNG per image.
   picture = Image.fromarray(np.concatenate([image[..., :3], painted], axis=1))
-  storage.buffered_writer(path, lambda f: picture.save(f, format="png", compress_level=1))
+  storage.write_shared_with(path, lambda f: picture.save(f, format="png", compress_level=1))

@@ -34,7 +34,8 @@ def table_rows(result: dict) -> list[tuple[str, list[float]]]:
   return rows
 
 
-def _fmt(v: float) -> str:
+def format_value(v: float) -> str:
+  """A metric in percent as the tables show it: two decimals, "-" when undefined."""
   return "-" if math.isnan(v) else f"{v:.2f}"
 
 
@@ -48,7 +49,7 @@ def _warnings(result: dict) -> list[str]:
 
 def format_table(result: dict) -> str:
   """Aligned plain-text table (percent) with a title line."""
-  rows = [(label, [_fmt(v) for v in values]) for label, values in table_rows(result)]
+  rows = [(label, [format_value(v) for v in values]) for label, values in table_rows(result)]
   width = max(len(label) for label, _ in rows + [("class", [])])
   col = max(len(m) for m in METRIC_NAMES) + 1
   lines = [*_warnings(result), title(result),
@@ -84,7 +85,7 @@ def _markdown(result: dict) -> str:
            "|---|" + "---:|" * len(METRIC_NAMES)]
   for label, values in table_rows(result):
     bold = label in (MEAN, "published", "difference")
-    cells = [_fmt(v) for v in values]
+    cells = [format_value(v) for v in values]
     label = f"**{label}**" if bold else label
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   text = "\n".join(lines + [""] + [f"- {n}" for n in notes(result)]) + "\n"
@@ -125,12 +126,12 @@ def write_report(workdir: str, per_class: dict[str, dict[str, float]], *, datase
             "mean": {m: _mean(classes, m) for m in METRIC_NAMES}, "published": published,
             "extra": dict(extra or {}), "inspection": dict(inspection or {})}
   print("\n".join([format_table(result), *inspection_lib.summary_lines(result["inspection"])]), flush=True)
-  storage.write_text(storage.join(workdir, "report.json"), json.dumps(_json_safe(result), indent=2))
+  storage.write_shared(storage.join(workdir, "report.json"), json.dumps(_json_safe(result), indent=2))
   table = io.StringIO(newline="")
   writer = csv.writer(table)
   writer.writerow(["class", *METRIC_NAMES])
   for label, values in table_rows(result):
     writer.writerow([label, *("" if math.isnan(v) else f"{v:.4f}" for v in values)])
-  storage.write_text(storage.join(workdir, "report.csv"), table.getvalue())
-  storage.write_text(storage.join(workdir, "report.md"), _markdown(result))
+  storage.write_shared(storage.join(workdir, "report.csv"), table.getvalue())
+  storage.write_shared(storage.join(workdir, "report.md"), _markdown(result))
   return result

@@ -55,20 +55,20 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
   exported = jax.export.export(jax.jit(inference), platforms=tuple(config.export.platforms) or None)(
       leaf_specs, image_spec, class_spec)
   out = storage.join(workdir, EXPORT_DIR)
-  if jax.process_index() == 0:
-    storage.write_bytes(storage.join(out, "inference.jax_export"), exported.serialize())
-    storage.buffered_writer(storage.join(out, "params.npz"),
+  storage.write_shared(storage.join(out, "inference.jax_export"), exported.serialize())
+  storage.write_shared_with(storage.join(out, "params.npz"),
                             lambda f: np.savez(f, *[np.asarray(x) for x in leaves]))
-    info = {"input_size": crop, "resize": config.data.resize, "map_size": config.eval.map_size,
-            "mean": transforms.IMAGENET_MEAN.tolist(), "std": transforms.IMAGENET_STD.tolist(),
-            "layout": "NHWC float32, ImageNet-normalised",
-            "inputs": ["images (b, crop, crop, 3)", "class_ids (b,) int32: positions in classes"],
-            "outputs": {"maps": "(b, S, S)", "scores": "(b,)", "normalised_maps": "(b, S, S)",
-                        "normalised_scores": "(b,)", "anomalous": "(b,) bool: score >= threshold"},
-            "classes": classes, "pooled_class": calibration.POOLED,
-            "calibration": {n: {"threshold": c.threshold, "center": c.center, "heat_range": list(c.heat_range()),
-                                "source": c.source} for n, c in calibrations.items()},
-            "platforms": list(exported.platforms), "step": int(state.step)}
-    storage.write_text(storage.join(out, "export_info.json"), json.dumps(info, indent=2))
+  info = {"input_size": crop, "resize": config.data.resize, "map_size": config.eval.map_size,
+          "mean": transforms.IMAGENET_MEAN.tolist(), "std": transforms.IMAGENET_STD.tolist(),
+          "layout": "NHWC float32, ImageNet-normalised",
+          "inputs": ["images (b, crop, crop, 3)", "class_ids (b,) int32: positions in classes"],
+          "outputs": {"maps": "(b, S, S)", "scores": "(b,)", "normalised_maps": "(b, S, S)",
+                      "normalised_scores": "(b,)", "anomalous": "(b,) bool: score >= threshold"},
+          "classes": classes, "pooled_class": calibration.POOLED,
+          "calibration": {n: {"threshold": c.threshold, "center": c.center, "heat_range": list(c.heat_range()),
+                              "source": c.source} for n, c in calibrations.items()},
+          "platforms": list(exported.platforms), "step": int(state.step)}
+  storage.write_shared(storage.join(out, "export_info.json"), json.dumps(info, indent=2))
+  if storage.is_primary():
     print(f"Exported the inference function ({', '.join(exported.platforms)}) to {out}")
   return out

@@ -114,7 +114,7 @@ def build_cache(model: Dinomaly, encoder_params, records, data_config, mesh, *, 
                    compiler_options=compiler_options.heavy_jit_options())
   for g, batch in enumerate(images):
     bottleneck_input, enc_groups = encode(encoder_params,
-                                          sharding.global_batch({"x": batch}, mesh)["x"])
+                                          sharding.global_batch({"x": batch}, mesh, "train.batch_size")["x"])
     rows = jax.tree.map(lambda x: _local_rows(x).astype(dtype),
                         {"bottleneck_input": bottleneck_input, "enc_groups": enc_groups})
     for cached, new_rows in zip(jax.tree.leaves(cache), jax.tree.leaves(rows)):

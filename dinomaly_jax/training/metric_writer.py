@@ -1,16 +1,14 @@
 """Scalars to TensorBoard event files (tensorboardX) and to a JSON-lines file.
 
-Only process 0 writes; on other processes every call is a no-op. Any work directory
-(local or gs:// / s3://): the event file is written on this host's disk and copied to
-<workdir>/tensorboard through `storage` at every write (a local work directory gets it
-directly), and metrics.jsonl is rewritten whole (object stores cannot append).
+Files of the job: only the primary process writes (storage.is_primary); on the others every
+call is a no-op. Any work directory (local or gs:// / s3://): the event file is written in a
+folder on this host's disk and copied to <workdir>/tensorboard through `storage` at every
+write, and metrics.jsonl is rewritten whole (object stores cannot append).
 """
 import json
-import os
 import shutil
 import tempfile
 
-import jax
 from tensorboardX import SummaryWriter
 
 from dinomaly_jax import storage
@@ -19,12 +17,11 @@ from dinomaly_jax import storage
 class MetricWriter:
 
   def __init__(self, workdir: str):
-    self._active = jax.process_index() == 0
+    self._active = storage.is_primary()
     if not self._active:
       return
-    tb_dir = storage.join(workdir, "tensorboard")
-    self._remote_tb = tb_dir if storage.is_url(workdir) else None
-    self._local_tb = tempfile.mkdtemp(prefix="dinomaly_tb_") if self._remote_tb else tb_dir
+    self._tb_dir = storage.join(workdir, "tensorboard")
+    self._local_tb = tempfile.mkdtemp(prefix="dinomaly_tb_")
     self._tb = SummaryWriter(self._local_tb)
     self._jsonl_path = storage.join(workdir, "metrics.jsonl")
     self._lines = storage.read_text(self._jsonl_path) if storage.exists(self._jsonl_path) else ""
@@ -36,19 +33,17 @@ class MetricWriter:
     for name, value in scalars.items():
       self._tb.add_scalar(name, value, step)
     self._lines += json.dumps({"step": int(step), **scalars}) + "\n"
-    storage.write_text(self._jsonl_path, self._lines)
+    storage.write_shared(self._jsonl_path, self._lines)
     self._upload_events()
 
   def _upload_events(self) -> None:
-    if self._remote_tb:
-      self._tb.flush()
-      for name in os.listdir(self._local_tb):
-        with open(os.path.join(self._local_tb, name), "rb") as f:
-          storage.write_bytes(storage.join(self._remote_tb, name), f.read())
+    self._tb.flush()
+    for name in storage.listdir(self._local_tb):
+      local = storage.join(self._local_tb, name)
+      storage.write_shared(storage.join(self._tb_dir, name), storage.read_bytes(local))
 
   def close(self) -> None:
     if self._active:
       self._tb.close()
       self._upload_events()
-      if self._remote_tb:
-        shutil.rmtree(self._local_tb, ignore_errors=True)
+      shutil.rmtree(self._local_tb, ignore_errors=True)  # host-local: a temporary folder

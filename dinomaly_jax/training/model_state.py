@@ -3,6 +3,7 @@ import jax
 import ml_collections
 
 from dinomaly_jax import sharding
+from dinomaly_jax.config import saved
 from dinomaly_jax import storage
 from dinomaly_jax.models import dinomaly
 from dinomaly_jax.training import train_step
@@ -50,7 +51,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, mesh, step: in
   Without a checkpoint, a converted trained reference (ViTill) checkpoint named by
   config.encoder_weights is used as it is.
   """
-  checkpoint.check_compatible(workdir, config)
+  saved.check_compatible(workdir, config)
   model, state, trained = build(config)
   check_encoder(config, workdir, state)
   state = sharding.replicate(state, mesh)

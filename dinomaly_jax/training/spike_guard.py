@@ -10,8 +10,8 @@ with NonFiniteLossError naming the last good checkpoint.
 
 Each rollback is a line of <workdir>/spike_events.jsonl: a resumed run reads them back to
 continue with the same data position and learning rate. Any work directory (local or
-gs:// / s3://): process 0 rewrites the whole file atomically through `storage` at each
-rollback (object stores cannot append); every process keeps the same events in memory.
+gs:// / s3://): the primary process rewrites the whole file atomically (storage.write_shared)
+at each rollback (object stores cannot append); every process keeps the same events in memory.
 """
 import collections
 import dataclasses
@@ -37,13 +37,12 @@ class Spike:
 class SpikeGuard:
   """Checks fetched losses; records rollbacks (train_config: config.train)."""
 
-  def __init__(self, train_config, workdir: str, *, write: bool = True):
+  def __init__(self, train_config, workdir: str):
     self.policy = train_config.spike_policy
     self.factor = float(train_config.spike_factor)
     self.lr_factor = float(train_config.spike_lr_factor)
     self.max_rollbacks = int(train_config.spike_max_rollbacks)
     self._path = storage.join(workdir, EVENTS_FILE)
-    self._write = write
     self._recent = collections.deque(maxlen=int(train_config.spike_window))
     self.events = []
     if storage.exists(self._path):
@@ -86,6 +85,5 @@ class SpikeGuard:
              "reason": spike.reason, "rolled_back_to": last_good, "skipped_batches": done - last_good,
              "lr_scale": self.lr_factor ** (len(self.events) + 1)}
     self.events.append(event)
-    if self._write:
-      storage.write_text(self._path, "".join(json.dumps(e) + "\n" for e in self.events))
+    storage.write_shared(self._path, "".join(json.dumps(e) + "\n" for e in self.events))
     return event

@@ -9,6 +9,8 @@ import ml_collections
 from tqdm import tqdm
 
 from dinomaly_jax import sharding
+from dinomaly_jax import storage
+from dinomaly_jax.config import saved
 from dinomaly_jax.data import index as data_index
 from dinomaly_jax.data import pipeline
 from dinomaly_jax.errors import Interrupted
@@ -27,14 +29,14 @@ MAX_STEPS_IN_FLIGHT = 2  # steps dispatched ahead of the one the host waits for
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from the latest checkpoint in `workdir`), then evaluates."""
-  checkpoint.check_compatible(workdir, config)
+  saved.check_compatible(workdir, config)
   records = data_index.build_records(config.data, "train")
   test_records = data_index.build_records(config.data, "test")  # fail early on bad test data
   preflight.check_training(config, len(records))
   mesh = sharding.make_mesh()
   model, state, _ = model_state.build(config)
   fingerprint = model_state.check_encoder(config, workdir, state)
-  checkpoint.save_config(workdir, config)  # every check passed: the work directory starts here
+  saved.save(workdir, config)  # every check passed: the work directory starts here
   checkpoint.save_encoder(workdir, fingerprint, model_state.encoder_source(config))
   state = sharding.replicate(state, mesh)
   mngr = checkpoint.manager(workdir, config)
@@ -43,7 +45,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = checkpoint.restore(mngr, state, start)
     _log(f"Resumed from the checkpoint of step {start} in {workdir}.")
   n_proc, batch = jax.process_count(), config.train.batch_size
-  guard = spike_guard.SpikeGuard(config.train, workdir, write=jax.process_index() == 0)
+  guard = spike_guard.SpikeGuard(config.train, workdir)
   position = start + guard.data_offset  # batches skipped by earlier rollbacks
   if config.data.cache_features:
     batches, _ = feature_cache.cached_training(
@@ -52,10 +54,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batches = pipeline.train_iterator(
         records, config.data, batch_size=batch // n_proc, seed=config.seed,
         process_index=jax.process_index(), process_count=n_proc, start_step=position)
-  step_fn = _step_fn(model, config, mesh, guard.lr_scale)
-  # Rollbacks before the first checkpoint return to the initial state (kept on the host).
-  rollback_to_start = config.train.spike_policy == "rollback" and not start
-  initial = jax.device_get(checkpoint.trainable(state)) if rollback_to_start else None
   writer = metric_writer.MetricWriter(workdir)
   if config.random_encoder:
     _log("NOTE: the encoder has RANDOM weights (config.random_encoder=True), not pretrained ones: "
@@ -63,69 +61,43 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _log(f"Training {config.train.steps} steps on {len(records)} images of "
        f"{len(set(r.class_name for r in records))} classes, global batch {batch}, "
        f"{jax.device_count()} devices ({jax.devices()[0].platform}).")
-  result = {}
-  pending = []  # (step, metrics on device): fetched at log time, no sync per step
   _log("Compiling the train step...")
-  bar = tqdm(total=config.train.steps, initial=start, disable=jax.process_index() != 0,
-             dynamic_ncols=True, desc="train")
-  last_good_checkpoint = start
+  loop = _TrainLoop(config, workdir, model, mesh, state, mngr, guard, writer, start)
+  result = {}
   device_batches = _on_device(batches, mesh)
-  in_flight = collections.deque()  # losses of the steps dispatched but maybe not yet run
   try:
     end = config.train.steps
     if config.train.stop_after:
       end = min(end, start + config.train.stop_after)
     with interrupt.StopOnSignal() as stop:
-      done = start
-      while done < end:
-        state, metrics = step_fn(state, next(device_batches))
-        pending.append((done, metrics))
-        in_flight.append(metrics["loss"])
-        if len(in_flight) > MAX_STEPS_IN_FLIGHT:  # a signal then stops within a step or two
-          in_flight.popleft().block_until_ready()
-        bar.update(1)
-        done += 1
+      while loop.done < end:
+        loop.step(next(device_batches))
+        done = loop.done
         is_last = done == end
         is_log = done % config.train.log_every == 0
         if is_log or is_last or _due(done, config.train.checkpoint_every):
-          spike = _flush(pending, writer, bar, guard)
+          spike = loop.flush()
           if spike is not None:  # back to the last good state; the data continues after the spike
-            guard.record(spike, last_good=last_good_checkpoint, done=done)  # raises if not allowed
-            writer.write_scalars(spike.step, {"spike/rollbacks": len(guard.events),
-                                              "spike/lr_scale": guard.lr_scale})
-            _log(f"Loss spike at step {spike.step} ({spike.reason}, loss {spike.loss}): rolled back to "
-                 f"step {last_good_checkpoint}, skipping the {done - last_good_checkpoint} batches since, "
-                 f"learning rate x{guard.lr_scale:g} (rollback {len(guard.events)} of "
-                 f"{config.train.spike_max_rollbacks}).")
-            mngr.wait_until_finished()
-            state = (checkpoint.restore(mngr, state, last_good_checkpoint)
-                     if last_good_checkpoint in mngr.all_steps()
-                     else state.replace(**sharding.replicate(initial, mesh)))
-            step_fn = _step_fn(model, config, mesh, guard.lr_scale)
-            in_flight.clear()
-            done = last_good_checkpoint
-            bar.n = done
-            bar.refresh()
+            loop.roll_back(spike)
             continue
         if _due(done, config.train.checkpoint_every) or is_last:
-          checkpoint.save(mngr, done, state)
-          last_good_checkpoint = done
+          loop.save_checkpoint()
         if not is_last and stop.should_stop(done, at_log_step=is_log):
-          _stop(stop, done, state, mngr, pending, writer, bar, guard, last_good_checkpoint, workdir)
+          loop.stop(stop)
         if _due(done, config.train.eval_every) and not is_last:
           mngr.wait_until_finished()
-          _log_eval(writer, done, evaluate.evaluate(config, workdir, model, model_state.variables(state),
+          _log_eval(writer, done, evaluate.evaluate(config, workdir, model, model_state.variables(loop.state),
                                                     test_records, step=done, mesh=mesh))
-    bar.close()
+    loop.bar.close()
     mngr.wait_until_finished()
     if end < config.train.steps:
       _log(f"Stopped after step {end} (config.train.stop_after); run again in {workdir} to resume.")
     else:
-      result = evaluate.evaluate(config, workdir, model, model_state.variables(state), test_records,
+      result = evaluate.evaluate(config, workdir, model, model_state.variables(loop.state), test_records,
                                  step=end, mesh=mesh)
       _log_eval(writer, end, result)
   finally:
-    bar.close()
+    loop.bar.close()
     device_batches.close()  # shuts the data workers down (no leaked shared memory)
     batches.close()
     mngr.wait_until_finished()
@@ -134,30 +106,93 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return result
 
 
-def _stop(stop, done, state, mngr, pending, writer, bar, guard, last_good_checkpoint, workdir):
-  """After a signal: the pending metrics logged, a checkpoint of step `done`, Interrupted.
+class _TrainLoop:
+  """The loop's state between steps: the train state, the steps done and the last good
+  checkpoint, the metrics not yet fetched, the steps in flight, and the step function (whose
+  learning rate a rollback lowers)."""
 
-  If those metrics hold a loss spike, the last good checkpoint is kept instead (the
-  resumed run then meets the spike and rolls back as usual).
-  """
-  spike = _flush(pending, writer, bar, guard) if pending else None
-  if spike is None and last_good_checkpoint != done:
-    checkpoint.save(mngr, done, state)
-    last_good_checkpoint = done
-  mngr.wait_until_finished()
-  bar.close()
-  saved = ("its checkpoint is saved" if last_good_checkpoint == done
-           else f"the last good checkpoint is step {last_good_checkpoint}")
-  raise Interrupted(
-      f"{stop.signal_name}: stopped after step {done}; {saved}. Resume with: "
-      f"python -m dinomaly_jax.main --workdir={workdir}", 128 + int(stop.signum))
+  def __init__(self, config, workdir, model, mesh, state, mngr, guard, writer, start: int):
+    self.config, self.workdir, self.model, self.mesh = config, workdir, model, mesh
+    self.state, self.mngr, self.guard, self.writer = state, mngr, guard, writer
+    self.done = self.last_good = start
+    self.pending = []  # (step, metrics on device): fetched at log time, no sync per step
+    self.in_flight = collections.deque()  # losses of the steps dispatched but maybe not yet run
+    self.step_fn = _step_fn(model, config, mesh, guard.lr_scale)
+    # Rollbacks before the first checkpoint return to the initial state (kept on the host).
+    rollback_to_start = config.train.spike_policy == "rollback" and not start
+    self.initial = jax.device_get(checkpoint.trainable(state)) if rollback_to_start else None
+    self.bar = tqdm(total=config.train.steps, initial=start, disable=not storage.is_primary(),
+                    dynamic_ncols=True, desc="train")
+
+  def step(self, batch) -> None:
+    """Dispatches one step; waits only for the step MAX_STEPS_IN_FLIGHT before it."""
+    self.state, metrics = self.step_fn(self.state, batch)
+    self.pending.append((self.done, metrics))
+    self.in_flight.append(metrics["loss"])
+    if len(self.in_flight) > MAX_STEPS_IN_FLIGHT:  # a signal then stops within a step or two
+      self.in_flight.popleft().block_until_ready()
+    self.bar.update(1)
+    self.done += 1
+
+  def flush(self) -> spike_guard.Spike | None:
+    """Fetches the pending step metrics and checks them: the first spike, or logs the last one."""
+    fetched = jax.device_get([m for _, m in self.pending])
+    spike = self.guard.check([(step + 1, float(m["loss"])) for (step, _), m in zip(self.pending, fetched)])
+    if spike is None:
+      step, m = self.pending[-1][0], fetched[-1]
+      self.writer.write_scalars(step + 1, m)
+      self.bar.set_postfix_str(f"step {step + 1}: loss {float(m['loss']):.4f}, p {float(m['p']):.2f}, "
+                               f"lr {float(m['lr']):.2e}")  # the last logged step's values
+    self.pending.clear()
+    return spike
+
+  def save_checkpoint(self) -> None:
+    checkpoint.save(self.mngr, self.done, self.state)
+    self.last_good = self.done
+
+  def roll_back(self, spike: spike_guard.Spike) -> None:
+    """Back to the last good checkpoint with a lower learning rate (raises if not allowed)."""
+    guard, done, last_good = self.guard, self.done, self.last_good
+    guard.record(spike, last_good=last_good, done=done)  # raises if not allowed
+    self.writer.write_scalars(spike.step, {"spike/rollbacks": len(guard.events),
+                                           "spike/lr_scale": guard.lr_scale})
+    _log(f"Loss spike at step {spike.step} ({spike.reason}, loss {spike.loss}): rolled back to "
+         f"step {last_good}, skipping the {done - last_good} batches since, "
+         f"learning rate x{guard.lr_scale:g} (rollback {len(guard.events)} of "
+         f"{self.config.train.spike_max_rollbacks}).")
+    self.mngr.wait_until_finished()
+    self.state = (checkpoint.restore(self.mngr, self.state, last_good)
+                  if last_good in self.mngr.all_steps()
+                  else self.state.replace(**sharding.replicate(self.initial, self.mesh)))
+    self.step_fn = _step_fn(self.model, self.config, self.mesh, guard.lr_scale)
+    self.in_flight.clear()
+    self.done = last_good
+    self.bar.n = last_good
+    self.bar.refresh()
+
+  def stop(self, stop: interrupt.StopOnSignal):
+    """After a signal: the pending metrics logged, a checkpoint of this step, Interrupted.
+
+    If those metrics hold a loss spike, the last good checkpoint is kept instead (the
+    resumed run then meets the spike and rolls back as usual).
+    """
+    spike = self.flush() if self.pending else None
+    if spike is None and self.last_good != self.done:
+      self.save_checkpoint()
+    self.mngr.wait_until_finished()
+    self.bar.close()
+    saved_what = ("its checkpoint is saved" if self.last_good == self.done
+                  else f"the last good checkpoint is step {self.last_good}")
+    raise Interrupted(
+        f"{stop.signal_name}: stopped after step {self.done}; {saved_what}. Resume with: "
+        f"python -m dinomaly_jax.main --workdir={self.workdir}", 128 + int(stop.signum))
 
 
 def _on_device(batches, mesh, depth: int = 2):
   """Global device batches, `depth` transfers ahead of the step that consumes them."""
   queue = collections.deque()
   for local in batches:
-    queue.append(sharding.global_batch(local, mesh))
+    queue.append(sharding.global_batch(local, mesh, "train.batch_size"))
     if len(queue) == depth:
       yield queue.popleft()
 
@@ -183,19 +218,6 @@ def _step_fn(model, config, mesh, lr_scale: float):
   return train_step.make_train_step(model, config, mesh)
 
 
-def _flush(pending, writer, bar, guard) -> spike_guard.Spike | None:
-  """Fetches the pending step metrics and checks them: the first spike, or logs the last one."""
-  fetched = jax.device_get([m for _, m in pending])
-  spike = guard.check([(step + 1, float(m["loss"])) for (step, _), m in zip(pending, fetched)])
-  if spike is None:
-    step, m = pending[-1][0], fetched[-1]
-    writer.write_scalars(step + 1, m)
-    bar.set_postfix_str(f"step {step + 1}: loss {float(m['loss']):.4f}, p {float(m['p']):.2f}, "
-                        f"lr {float(m['lr']):.2e}")  # the last logged step's values
-  pending.clear()
-  return spike
-
-
 def _log(message: str) -> None:
-  if jax.process_index() == 0:
+  if storage.is_primary():
     print(message, flush=True)

@@ -1,4 +1,4 @@
-"""Checkpoints of the trainable state (orbax), resume, and the work-directory config check.
+"""Checkpoints of the trainable state (orbax), resume, and the encoder they were trained with.
 
 The frozen encoder is not checkpointed: it is reloaded from `config.encoder_weights`
 (or re-created from the seed for random-encoder runs), so a checkpoint holds only
@@ -18,50 +18,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dinomaly_jax import storage
-from dinomaly_jax.config.saved import CONFIG_FILE
-from dinomaly_jax.config.saved import is_free_field
 from dinomaly_jax.errors import IncompatibleWorkdirError
 
 CHECKPOINT_DIR = "checkpoints"
 ENCODER_FILE = "encoder.json"
-
-
-def _flatten(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
-def _as_plain(config: ml_collections.ConfigDict) -> dict:
-  return json.loads(config.to_json())
-
-
-def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Refuses a work directory whose saved config differs in a field that matters."""
-  path = storage.join(workdir, CONFIG_FILE)
-  if not storage.exists(path):
-    return
-  saved = _flatten(json.loads(storage.read_text(path)))
-  saved.setdefault("model.family", "dinov2")  # runs saved before DINOv3 support were DINOv2
-  saved.setdefault("data.calibration.fraction", 0.0)  # runs saved before the calibration split
-  now = _flatten(_as_plain(config))
-  diffs = [f"  config.{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
-           for k in sorted(set(saved) | set(now))
-           if saved.get(k) != now.get(k) and not is_free_field(k)]
-  if diffs:
-    raise IncompatibleWorkdirError(
-        f"The work directory {workdir} holds a run with a different configuration "
-        f"({path}):\n" + "\n".join(diffs) +
-        "\nUse a new --workdir, or the same config to resume this run.")
-
-
-def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Process 0 writes config.json atomically; every process returns once it is written."""
-  storage.write_shared(storage.join(workdir, CONFIG_FILE), config.to_json(indent=2), "config.json")
 
 
 def encoder_fingerprint(encoder_params) -> str:
@@ -89,9 +49,9 @@ def check_encoder(workdir: str, fingerprint: str, source: str) -> None:
 
 
 def save_encoder(workdir: str, fingerprint: str, source: str) -> None:
-  """Records the encoder of this work directory's checkpoints (process 0, atomic, then a barrier)."""
+  """Records the encoder of this work directory's checkpoints (primary process, atomic, then a barrier)."""
   info = {"fingerprint": fingerprint, "source": source}
-  storage.write_shared(storage.join(workdir, ENCODER_FILE), json.dumps(info, indent=2), "encoder.json")
+  storage.write_shared(storage.join(workdir, ENCODER_FILE), json.dumps(info, indent=2), barrier="encoder.json")
 
 
 def manager(workdir: str, config: ml_collections.ConfigDict, *, read_only=False) -> ocp.CheckpointManager:

@@ -21,7 +21,7 @@ _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 def save_params(out_dir, tree: dict, meta: dict) -> epath.Path:
   """Writes `tree` with orbax and `meta` as JSON into `out_dir` (overwriting)."""
-  out_dir = epath.Path(storage.absolute(out_dir))
+  out_dir = storage.as_path(storage.absolute(out_dir))
   storage.makedirs(out_dir)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(out_dir / PARAMS_DIR, tree, force=True)
@@ -31,7 +31,7 @@ def save_params(out_dir, tree: dict, meta: dict) -> epath.Path:
 
 def read_meta(path) -> dict:
   """The meta.json of a directory written by `save_params` (vit, registers, source)."""
-  path = epath.Path(storage.absolute(path))
+  path = storage.as_path(storage.absolute(path))
   if not storage.isfile(path / META_FILE) or not storage.isdir(path / PARAMS_DIR):
     raise FileNotFoundError(
         f"{path} is not a converted parameter directory (expected {META_FILE} and {PARAMS_DIR}/); "
@@ -41,7 +41,7 @@ def read_meta(path) -> dict:
 
 def load_params(path) -> tuple[dict, dict]:
   """Reads a directory written by `save_params`: (tree of numpy arrays, meta)."""
-  path = epath.Path(storage.absolute(path))
+  path = storage.as_path(storage.absolute(path))
   meta = read_meta(path)
   with ocp.StandardCheckpointer() as checkpointer:
     tree = checkpointer.restore(path / PARAMS_DIR)

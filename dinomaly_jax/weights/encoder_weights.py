@@ -87,17 +87,17 @@ def _convert_cached(checkpoint: str) -> str:
   if storage.is_url(checkpoint):
     source = f"{checkpoint}:{storage.size(checkpoint)}"
   else:
-    stat = os.stat(checkpoint)
-    source = f"{os.path.abspath(checkpoint)}:{stat.st_size}:{stat.st_mtime_ns}"
+    stat = os.stat(checkpoint)  # host-local: a local file's identity (size, time)
+    source = f"{storage.absolute(checkpoint)}:{stat.st_size}:{stat.st_mtime_ns}"
   key = hashlib.sha1(source.encode()).hexdigest()[:16]
-  name = os.path.basename(checkpoint.rstrip("/"))
-  out = os.path.join(storage.local_cache_dir(), f"{name}-{key}")
+  name = storage.basename(storage.normpath(checkpoint))
+  out = storage.join(storage.local_cache_dir(), f"{name}-{key}")
 
   def convert_into(tmp: str) -> None:
     print(f"Converting {checkpoint} -> {out} (once; cached for later runs)", flush=True)
     local = checkpoint
     if storage.is_url(checkpoint):  # torch reads local files
-      local = os.path.join(tmp + "-download", name)
+      local = storage.join(tmp + "-download", name)
       storage.write_bytes(local, storage.read_bytes(checkpoint))
     try:
       tree, meta = convert.convert_file(local)
@@ -105,7 +105,7 @@ def _convert_cached(checkpoint: str) -> str:
       raise EncoderWeightsError(f"config.encoder_weights: {e}") from None
     finally:
       if local != checkpoint:
-        shutil.rmtree(os.path.dirname(local), ignore_errors=True)
+        shutil.rmtree(storage.dirname(local), ignore_errors=True)  # host-local: a temporary download
     converted.save_params(tmp, tree, meta)
 
   return storage.make_local_once(out, convert_into)
