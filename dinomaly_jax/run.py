@@ -27,9 +27,11 @@ from dinomaly_jax.weights import encoder_weights
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validation.validate(config)  # every field; the model's size may still be "auto"
+  # Before anything starts JAX's backends (converting a .pth with orbax does): each host then
+  # converts the weights into its own cache, as one process among others.
+  sharding.maybe_initialize_distributed()
   encoder_weights.resolve_architecture(config)  # "auto" read from the weights' meta.json
   validation.validate(config)  # the model fields the weights filled in
-  sharding.maybe_initialize_distributed()
   if config.mode in ("train", "eval") and config.data.synthetic:
     _use_demo_data(config, workdir)
   if config.mode == "train":
@@ -40,9 +42,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.data.class_separated:
       return _per_class(config, workdir, evaluate_workdir)
     return evaluate_workdir(config, workdir)
-  if config.mode in ("predict", "export") and jax.process_count() > 1:
+  if config.mode == "predict" and jax.process_count() > 1:
     raise ConfigError(
-        f"config.mode={config.mode!r} runs on one process; start it without the multi-host "
+        "config.mode='predict' runs on one process; start it without the multi-host "
         "environment (it uses this host's devices).")
   if config.mode == "predict":
     return predict.predict(config, workdir)

@@ -5,14 +5,17 @@ it, parameters and optimizer state are replicated. The same code runs on one CPU
 several GPUs or a TPU pod slice.
 """
 import os
+import pickle
 from typing import Any, Optional, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 import numpy as np
 
+from dinomaly_jax import storage
 from dinomaly_jax.errors import ConfigError
 
 DATA_AXIS = "data"
@@ -102,3 +105,31 @@ def replicate(tree, mesh: Mesh):
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
   return jax.tree.map(put, tree)
+
+
+def local_mesh(mesh: Mesh) -> Mesh:
+  """The 1-D "data" mesh over this process's devices of `mesh` (`mesh` itself on one process)."""
+  if jax.process_count() == 1:
+    return mesh
+  return make_mesh([d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+
+
+def to_local(tree, mesh: Mesh):
+  """Replicated global arrays -> the same values replicated on `mesh` (this process's devices)."""
+  if jax.process_count() == 1:
+    return tree
+  return jax.tree.map(lambda x: jax.device_put(x.addressable_data(0), replicated(mesh)), tree)
+
+
+def gather_objects(obj) -> list:
+  """Every process's `obj` (picklable), in process order, on every process. Processes may
+  arrive far apart (a coordination barrier first); for small results, not arrays of maps."""
+  if jax.process_count() == 1:
+    return [obj]
+  storage.barrier("gather_objects")
+  data = np.frombuffer(pickle.dumps(obj), np.uint8)
+  sizes = multihost_utils.process_allgather(np.array([data.size], np.int64))  # (P,)
+  padded = np.zeros((int(sizes.max()),), np.uint8)
+  padded[:data.size] = data
+  gathered = multihost_utils.process_allgather(padded)  # (P, max size)
+  return [pickle.loads(row[:int(n)].tobytes()) for row, n in zip(gathered, sizes.ravel())]

@@ -8,10 +8,13 @@ Shared files on a pod: no host may assume it sees another host's disk, and two h
 never write the same object. One rule decides who writes them: `is_primary()` (process 0).
 `write_shared` has the primary process write atomically (a temporary file renamed over the
 target locally; one object PUT on an object store, which readers see whole or not at all) and,
-given a barrier name, makes every process wait there before anyone reads it.
+given a barrier name, makes every process wait there before anyone reads it (`barrier`: the
+coordination service's, so hosts may arrive far apart).
 """
+import contextlib
 import glob as glob_lib
 import io
+import itertools
 import os
 import posixpath
 import shutil
@@ -20,10 +23,12 @@ import uuid
 from etils import epath
 import fsspec
 import jax
-from jax.experimental import multihost_utils
-import numpy as np
+from jax._src import distributed as jax_distributed  # the coordination service's client
 
 URL_SCHEMES = ("gs://", "s3://")
+SYNC_TIMEOUT_MS = 3_600_000  # a host may be an hour behind (downloading, converting weights)
+_sync_ids = itertools.count()  # every process passes the same barriers in the same order
+_captures = []  # the {path: bytes} of the open captured_writes blocks, innermost last
 
 _fsspec_configured = False
 
@@ -179,25 +184,73 @@ def write_text(path, text: str) -> None:
   write_bytes(path, text.encode())
 
 
+def _coordination_client():
+  """jax.distributed's client, or None in a single-process job."""
+  return jax_distributed.global_state.client if jax.process_count() > 1 else None
+
+
+def barrier(name: str) -> None:
+  """Every process waits here until all have arrived. The coordination service's barrier,
+  not a device collective: hosts may arrive far apart (one still converting weights)."""
+  client = _coordination_client()
+  if client is not None:
+    client.wait_at_barrier(f"dinomaly/{next(_sync_ids)}/{name}", SYNC_TIMEOUT_MS)
+
+
 def primary_decides(value: bool) -> bool:
   """The primary process's `value` on every process: a decision several hosts must share
   (does this file exist yet?) is taken once, never on each host. Call it on every process."""
-  if jax.process_count() == 1:
+  client = _coordination_client()
+  if client is None:
     return bool(value)
-  return bool(multihost_utils.broadcast_one_to_all(np.asarray(value, np.bool_)))
+  key = f"dinomaly/{next(_sync_ids)}/decision"
+  if is_primary():
+    client.key_value_set(key, "1" if value else "0")
+  return client.blocking_key_value_get(key, SYNC_TIMEOUT_MS) == "1"
 
 
-def write_shared(path, data: bytes | str, barrier: str | None = None) -> None:
+def write_shared(path, data: bytes | str, barrier_name: str | None = None) -> None:
   """A file of the job (work directory, predictions, export): the primary process writes
   `path` atomically, the others write nothing.
 
-  With a barrier name, every process returns only once the file is there (call it on every
+  With a barrier_name, every process returns only once the file is there (call it on every
   process); without one, the others return at once (files no process reads back in the run).
+  Inside `captured_writes`, every process keeps the file instead.
   """
+  data = data.encode() if isinstance(data, str) else data
+  if _captures:
+    if barrier_name is not None:
+      raise ValueError(f"write_shared({path}): no barrier inside captured_writes")
+    _captures[-1][str(path)] = data
+    return
   if is_primary():
-    write_bytes(path, data.encode() if isinstance(data, str) else data)
-  if barrier is not None and jax.process_count() > 1:
-    multihost_utils.sync_global_devices(barrier)
+    write_bytes(path, data)
+  if barrier_name is not None:
+    barrier(barrier_name)
+
+
+def write_shared_with(path, write_fn, barrier_name: str | None = None) -> None:
+  """write_shared of what write_fn(file object) writes (encoded only where it is kept)."""
+  write_shared(path, encoded(write_fn) if is_primary() or _captures else b"", barrier_name)
+
+
+@contextlib.contextmanager
+def captured_writes():
+  """Inside, the job's files (write_shared) are kept as {path: bytes} on any process instead of
+  written: work one host does for the job, whose files the primary process writes afterwards
+  (write_captured) once they have reached it."""
+  files = {}
+  _captures.append(files)
+  try:
+    yield files
+  finally:
+    _captures.pop()
+
+
+def write_captured(files: dict[str, bytes]) -> None:
+  """The primary process writes files kept by captured_writes (on this or another process)."""
+  for path, data in files.items():
+    write_shared(path, data)
 
 
 def encoded(write_fn) -> bytes:
@@ -206,11 +259,6 @@ def encoded(write_fn) -> bytes:
   buf = io.BytesIO()
   write_fn(buf)
   return buf.getvalue()
-
-
-def write_shared_with(path, write_fn, barrier: str | None = None) -> None:
-  """write_shared of what write_fn(file object) writes (encoded only on the primary process)."""
-  write_shared(path, encoded(write_fn) if is_primary() else b"", barrier)
 
 
 def glob(pattern: str) -> list[str]:

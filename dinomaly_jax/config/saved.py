@@ -80,7 +80,7 @@ def load(workdir: str) -> ml_collections.ConfigDict:
 def save(workdir: str, config: ml_collections.ConfigDict) -> None:
   """The primary process writes config.json atomically; every process returns once it is written."""
   text = json.dumps({SCHEMA_KEY: SCHEMA_VERSION, **json.loads(config.to_json())}, indent=2)
-  storage.write_shared(path_in(workdir), text, barrier="config.json")
+  storage.write_shared(path_in(workdir), text, barrier_name="config.json")
 
 
 def _flatten(d, prefix=""):

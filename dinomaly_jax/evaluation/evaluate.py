@@ -1,11 +1,11 @@
-"""The eval loop, a short pipeline per class: score (anomaly maps for every test and
-calibration image), analyse (metrics, calibrated threshold, inspection figures), draw
-(pictures); then the pooled calibration and the reports (md, json, csv, html)."""
+"""The eval loop, a short pipeline per class on the host that owns it: score (anomaly maps for
+every test and calibration image), analyse (metrics, calibrated threshold, inspection figures),
+draw (pictures); then, on the primary process, the pooled calibration and the reports (md,
+json, csv, html)."""
 import dataclasses
 import json
 
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 from tqdm import tqdm
@@ -55,26 +55,23 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
 
 
 def score_records(config, map_fn, variables, records, mesh, desc="eval"):
-  """Maps, scores and masks (host numpy, in record order) for `records`, on all processes."""
+  """Maps, scores and masks (host numpy, in record order) of `records`, scored by this process
+  alone on `mesh` (its own devices; `variables` replicated there), in batches of its share of
+  eval.batch_size."""
   n = len(records)
   size = config.eval.map_size
   maps = np.zeros((n, size, size), np.float32)
   masks = np.zeros((n, config.data.mask_size, config.data.mask_size), np.uint8)
   scores = np.zeros((n,), np.float32)
   seen = np.zeros((n,), np.int32)
-  n_proc = jax.process_count()
-  batch = -(-config.eval.batch_size // n_proc)  # per process
-  batches = pipeline.eval_iterator(records, config.data, batch_size=batch,
-                                   process_index=jax.process_index(), process_count=n_proc)
-  total = pipeline.num_eval_batches(n, batch, n_proc)
-  for local in tqdm(batches, total=total, desc=desc, disable=not storage.is_primary(),
-                    dynamic_ncols=True, leave=False):
+  batch = -(-config.eval.batch_size // jax.process_count())  # this host's share
+  batches = pipeline.eval_iterator(records, config.data, batch_size=batch)
+  for local in tqdm(batches, total=pipeline.num_eval_batches(n, batch, 1), desc=desc,
+                    disable=not storage.is_primary(), dynamic_ncols=True, leave=False):
     g = sharding.global_batch({"image": local["image"]}, mesh, "eval.batch_size")
-    b_maps, b_scores = map_fn(variables, g["image"])
-    b_maps, b_scores, idx, valid, b_masks = multihost_utils.process_allgather(
-        (b_maps, b_scores, local["index"], local["valid"], local["mask"]), tiled=True)
-    idx, valid = idx[valid], valid.nonzero()[0]
-    maps[idx], scores[idx], masks[idx] = b_maps[valid], b_scores[valid], b_masks[valid]
+    b_maps, b_scores = jax.device_get(map_fn(variables, g["image"]))
+    idx, valid = local["index"][local["valid"]], local["valid"].nonzero()[0]
+    maps[idx], scores[idx], masks[idx] = b_maps[valid], b_scores[valid], local["mask"][valid]
     np.add.at(seen, idx, 1)
   if not np.all(seen == 1):
     raise RuntimeError(f"Evaluation scored {int((seen == 0).sum())} images never and "
@@ -110,6 +107,15 @@ def _by_class(records) -> dict[str, list]:
   return by_class
 
 
+@dataclasses.dataclass
+class _ClassResult:
+  """What one host sends the primary process about a class it evaluated (small: no full maps)."""
+  outcome: ClassOutcome
+  pooled: dict  # the class's share of the pooled statistics (_Pooled.share)
+  view: dict  # its part of report.html
+  files: dict  # its pictures, {path: bytes}
+
+
 def evaluate(config, workdir, model, variables, records, *, step, mesh) -> dict:
   """Scores every test record; the primary process writes the reports, thresholds, calibration
   and pictures, and returns the report (the others return {}).
@@ -117,23 +123,33 @@ def evaluate(config, workdir, model, variables, records, *, step, mesh) -> dict:
   `variables`: the Dinomaly module's variables ({"params": {encoder, bottleneck, decoder}}).
   The calibration images (config.data.calibration) are scored too: they set the decision
   thresholds and the normalisation (calibration.py); without them the test labels do.
-  One class at a time: score (every process), analyse, draw; then the pooled calibration
-  over all classes, then the reports.
+  Classes are spread over the hosts (class i on process i mod P): each host scores, analyses and
+  draws its own classes on its own devices, so no host holds another's maps; only the small
+  per-class results reach the primary process, which adds the pooled calibration and writes.
   """
+  here = sharding.local_mesh(mesh)
+  variables = sharding.to_local(variables, here)
   map_fn = make_map_fn(model, config)
   calibration_records = _by_class(data_index.build_records(config.data, "calibration"))
   out_dir = storage.join(workdir, "eval")
-  outcomes, pooled, views = {}, _Pooled(), []
-  for name, class_records in sorted(_by_class(records).items()):
-    scored = _score_class(config, map_fn, variables, class_records, calibration_records.get(name), mesh)
-    if not storage.is_primary():
-      continue  # the scoring above is collective; the rest is the primary process's
-    outcomes[name] = _analyse_class(config.eval, scored)
-    pooled.add(scored)
-    views.append(_draw_class(config, out_dir, name, scored, outcomes[name]))
+  mine = {}
+  for i, (name, class_records) in enumerate(sorted(_by_class(records).items())):
+    if i % jax.process_count() != jax.process_index():
+      continue  # another host's class
+    scored = _score_class(config, map_fn, variables, class_records, calibration_records.get(name), here)
+    outcome = _analyse_class(config.eval, scored)
+    with storage.captured_writes() as files:
+      view = _draw_class(config, out_dir, name, scored, outcome)
+    mine[name] = _ClassResult(outcome, _Pooled.share(scored), view, files)
+  results = {name: r for host in sharding.gather_objects(mine) for name, r in host.items()}
   if not storage.is_primary():
     return {}
-  return _write_results(config, workdir, out_dir, step, outcomes, pooled, views)
+  pooled = _Pooled()
+  for name in sorted(results):
+    storage.write_captured(results[name].files)
+    pooled.add(results[name].pooled)
+  return _write_results(config, workdir, out_dir, step, {n: results[n].outcome for n in sorted(results)},
+                        pooled, [results[n].view for n in sorted(results)])
 
 
 def _score_class(config, map_fn, variables, class_records, calibration_records, mesh) -> ClassScores:
@@ -172,14 +188,23 @@ class _Pooled:
     self.calibration_scores, self.calibration_maps = [], []
     self.classes = 0
 
-  def add(self, s: ClassScores) -> None:
+  @staticmethod
+  def share(s: ClassScores) -> dict:
+    """A class's contribution: its scores and labels, maps subsampled 8x on each axis."""
+    with_calibration = s.calibration_scores is not None
+    return {"scores": s.scores, "labels": s.labels,
+            "test_maps": s.maps[:, ::8, ::8],  # the pooled fallback picks the normal ones
+            "calibration_scores": s.calibration_scores if with_calibration else None,
+            "calibration_maps": s.calibration_maps[:, ::8, ::8] if with_calibration else None}
+
+  def add(self, share: dict) -> None:
     self.classes += 1
-    self.scores.append(s.scores)
-    self.labels.append(s.labels)
-    self.test_maps.append(s.maps[:, ::8, ::8])  # the pooled fallback picks the normal ones
-    if s.calibration_scores is not None:
-      self.calibration_scores.append(s.calibration_scores)
-      self.calibration_maps.append(s.calibration_maps[:, ::8, ::8])
+    self.scores.append(share["scores"])
+    self.labels.append(share["labels"])
+    self.test_maps.append(share["test_maps"])
+    if share["calibration_scores"] is not None:
+      self.calibration_scores.append(share["calibration_scores"])
+      self.calibration_maps.append(share["calibration_maps"])
 
   def f1_threshold(self) -> float:
     return float(metrics.image_f1_threshold(np.concatenate(self.scores), np.concatenate(self.labels)))

@@ -115,17 +115,27 @@ def build_cache(model: Dinomaly, encoder_params, records, data_config, mesh, *, 
   for g, batch in enumerate(images):
     bottleneck_input, enc_groups = encode(encoder_params,
                                           sharding.global_batch({"x": batch}, mesh, "train.batch_size")["x"])
-    rows = jax.tree.map(lambda x: _local_rows(x).astype(dtype),
+    rows = jax.tree.map(lambda x: _local_rows(x, process_index, batch_size).astype(dtype),
                         {"bottleneck_input": bottleneck_input, "enc_groups": enc_groups})
     for cached, new_rows in zip(jax.tree.leaves(cache), jax.tree.leaves(rows)):
       cached[g * batch_size:(g + 1) * batch_size] = new_rows
   return cache
 
 
-def _local_rows(x: jax.Array) -> np.ndarray:
-  """This process's rows of a global array split on its leading axis, in order."""
+def _local_rows(x: jax.Array, process_index: int, batch_size: int) -> np.ndarray:
+  """This process's rows of a global array split on its leading axis, in order: rows
+  [p*B, (p+1)*B), which the cache's row ownership assumes (checked: the mesh must hold each
+  process's devices together, in process order, as sharding.make_mesh does)."""
   shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-  return np.concatenate([np.asarray(s.data) for s in shards])
+  bounds = [(s.index[0].start or 0, (s.index[0].start or 0) + s.data.shape[0]) for s in shards]
+  rows = np.concatenate([np.asarray(s.data) for s in shards])
+  together = all(stop == start for (_, stop), (start, _) in zip(bounds, bounds[1:]))
+  if not together or bounds[0][0] != process_index * batch_size or len(rows) != batch_size:
+    raise RuntimeError(f"feature cache: process {process_index} holds rows {bounds} "
+                       f"({len(rows)} rows) of the global batch, not [{process_index * batch_size}, "
+                       f"{(process_index + 1) * batch_size}); the mesh must keep each process's "
+                       "devices together in process order (sharding.make_mesh).")
+  return rows
 
 
 def cached_batches(cache: dict, *, num_images: int, batch_size: int, seed: int,

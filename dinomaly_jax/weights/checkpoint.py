@@ -51,7 +51,8 @@ def check_encoder(workdir: str, fingerprint: str, source: str) -> None:
 def save_encoder(workdir: str, fingerprint: str, source: str) -> None:
   """Records the encoder of this work directory's checkpoints (primary process, atomic, then a barrier)."""
   info = {"fingerprint": fingerprint, "source": source}
-  storage.write_shared(storage.join(workdir, ENCODER_FILE), json.dumps(info, indent=2), barrier="encoder.json")
+  storage.write_shared(storage.join(workdir, ENCODER_FILE), json.dumps(info, indent=2),
+                       barrier_name="encoder.json")
 
 
 def manager(workdir: str, config: ml_collections.ConfigDict, *, read_only=False) -> ocp.CheckpointManager:

@@ -106,6 +106,6 @@ def _convert_cached(checkpoint: str) -> str:
     finally:
       if local != checkpoint:
         shutil.rmtree(storage.dirname(local), ignore_errors=True)  # host-local: a temporary download
-    converted.save_params(tmp, tree, meta)
+    converted.save_host_copy(tmp, tree, meta)
 
   return storage.make_local_once(out, convert_into)
