@@ -44,14 +44,7 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
   map_fn = evaluate.map_function(model, config)
   variables = jax.device_get(model_state.variables(state))
   leaves, treedef = jax.tree.flatten(variables)
-
-  def inference(param_leaves, images, class_ids):
-    maps, scores = map_fn(jax.tree.unflatten(treedef, param_leaves), images)  # (b, S, S), (b,)
-    threshold, center, scale = jnp.asarray(table)[class_ids].T  # (b,) each
-    return {"maps": maps, "scores": scores,
-            "normalised_maps": (maps - center[:, None, None]) / scale[:, None, None],
-            "normalised_scores": (scores - center) / scale, "anomalous": scores >= threshold}
-
+  inference = inference_function(map_fn, treedef, table)
   crop, fmt = config.data.crop, config.export.format
   out = storage.join(workdir, EXPORT_DIR)
   if fmt == "jax":
@@ -72,6 +65,22 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
     storage.write_text(storage.join(out, "export_info.json"), json.dumps(info, indent=2))
     print(f"Exported the inference function ({fmt}) to {', '.join(written)}")
   return out
+
+
+def inference_function(map_fn, treedef, table: np.ndarray):
+  """(parameter leaves, images (b, crop, crop, 3), class ids (b,)) -> the exported outputs.
+
+  table: (C, 3) float32 rows of (threshold, center, scale) per class id.
+  """
+
+  def inference(param_leaves, images, class_ids):
+    maps, scores = map_fn(jax.tree.unflatten(treedef, param_leaves), images)  # (b, S, S), (b,)
+    threshold, center, scale = jnp.asarray(table)[class_ids].T  # (b,) each
+    return {"maps": maps, "scores": scores,
+            "normalised_maps": (maps - center[:, None, None]) / scale[:, None, None],
+            "normalised_scores": (scores - center) / scale, "anomalous": scores >= threshold}
+
+  return inference
 
 
 def _write_jax(inference, leaves, crop: int, platforms, out: str) -> tuple[list[str], dict]:
