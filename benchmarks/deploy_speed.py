@@ -120,8 +120,8 @@ def _markdown(facts, rows) -> str:
            "Seconds per call, median [min-max]; speed-up = JAX median / runtime median; "
            "max |map - JAX map| and |score - JAX score| on the same batch; CPU / wall = the cores a call "
            "kept busy (below 1.0: it waited for a core).", "",
-           "| model | input | batch | runtime | s / call | speed-up vs JAX | images/s | max map diff | max score diff | CPU / wall | first call s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| model | input | batch | runtime | s / call | speed-up vs JAX | images/s | max map diff | max score diff | CPU s / call | CPU / wall | first call s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
     median = statistics.median(row["seconds"])
     jax_median = next(statistics.median(r["seconds"]) for r in rows if r["impl"] == "jax" and
@@ -129,7 +129,8 @@ def _markdown(facts, rows) -> str:
     s = timing.summary(row["seconds"])
     lines.append(f"| ViT-{row['vit']} | {row['size']} | {row['batch']} | {row['impl']} | {timing.fmt_seconds(s)} | "
                  f"{jax_median / median:.2f}x | {row['batch'] / median:.2f} | {row['max_abs_map_diff']:.2g} | "
-                 f"{row['max_abs_score_diff']:.2g} | {statistics.median(row['cpu_seconds']) / median:.2f} | "
+                 f"{row['max_abs_score_diff']:.2g} | {statistics.median(row['cpu_seconds']):.3g} | "
+                 f"{statistics.median(row['cpu_seconds']) / median:.2f} | "
                  f"{row['first_call_s']:.1f} |")
   return "\n".join(lines) + "\n"
 
@@ -142,12 +143,19 @@ def main(argv=None):
   parser.add_argument("--impls", nargs="*", choices=IMPLS, default=list(IMPLS))
   parser.add_argument("--out", default="benchmarks/results")
   parser.add_argument("--name", default=None, help="results file stem (default deploy-<date>)")
+  parser.add_argument("--markdown", default=None, help="rewrite the .md of this results .json and stop")
   parser.add_argument("--worker", nargs=3, default=None, help=argparse.SUPPRESS)  # impl entry folder
   args = parser.parse_args(argv)
   if args.repeats < timing.MIN_REPEATS:
     parser.error(f"--repeats must be >= {timing.MIN_REPEATS}.")
   if "jax" not in args.impls:
     parser.error("--impls must include jax (it writes the exported files and the reference outputs).")
+  if args.markdown:
+    with open(args.markdown) as f:
+      results = json.load(f)
+    with open(os.path.splitext(args.markdown)[0] + ".md", "w") as f:
+      f.write(_markdown(results["machine"], results["results"]))
+    return
   if args.worker:
     impl, entry, folder = args.worker
     timing.pin_process(args.threads)  # before any runtime starts its threads
