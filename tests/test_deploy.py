@@ -7,6 +7,7 @@ in a fresh `python -m venv` holding only onnxruntime, numpy and pillow.
 """
 import csv
 import os
+import shutil
 import subprocess
 import sys
 
@@ -24,6 +25,7 @@ from dinomaly_jax.evaluation import calibration
 from dinomaly_jax.evaluation import evaluate
 from dinomaly_jax.training import model_state
 from tests import main_helpers
+from tests.test_main import data_root  # pylint: disable=unused-import  (a fixture: the tiny dataset)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREDICTOR = os.path.join(REPO, "dinomaly_jax", "inference", "onnx_predictor.py")
@@ -34,11 +36,6 @@ CLASSES = ["brick", "nut", calibration.POOLED]  # one per probe image: each clas
 def _main(*args):
   return subprocess.run([sys.executable, "-m", "dinomaly_jax.main", *args], cwd=REPO, text=True,
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=TIMEOUT)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-  return main_helpers.tiny_dataset(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +113,7 @@ def test_the_predictor_without_jax_writes_what_predict_writes(exported, data_roo
   config, workdir, out = exported
   c = config.copy_and_resolve_references()
   c.mode = "predict"
-  c.predict.input = os.path.join(data_root, "nut", "test")
+  c.predict.input = _inputs(data_root, tmp_path / "inputs")
   c.predict.output = str(tmp_path / "jax")
   c.predict.save_maps = True
   run.run(c, workdir)
@@ -124,14 +121,14 @@ def test_the_predictor_without_jax_writes_what_predict_writes(exported, data_roo
                          f"--output={tmp_path / 'onnx'}", "--batch-size=4", "--save-maps"],
                         capture_output=True, text=True, timeout=TIMEOUT)
   assert proc.returncode == 0, proc.stderr
-  assert "6 images:" in proc.stdout
+  assert "8 images:" in proc.stdout
   tables = []
   for side in ("jax", "onnx"):
     with open(tmp_path / side / "predictions.csv") as f:
       reader = csv.DictReader(f)
       tables.append((reader.fieldnames, list(reader)))
   (jax_columns, jax_rows), (onnx_columns, onnx_rows) = tables
-  assert onnx_columns == jax_columns and len(onnx_rows) == len(jax_rows) == 6
+  assert onnx_columns == jax_columns and len(onnx_rows) == len(jax_rows) == 8
   for a, b in zip(jax_rows, onnx_rows):
     for key in ("image", "class", "threshold", "threshold_from", "decision"):
       assert a[key] == b[key], key
@@ -146,6 +143,16 @@ def test_the_predictor_without_jax_writes_what_predict_writes(exported, data_roo
     assert onnx_picture.shape == jax_picture.shape
     # Same colours: a pixel may change only where its map value sits on a colour step.
     assert (onnx_picture != jax_picture).any(axis=-1).mean() <= 1e-3
+
+
+def _inputs(data_root, folder) -> str:
+  """The nut test images, plus two of other sizes and modes: 16-bit grey 90x50, palette 40x70."""
+  shutil.copytree(os.path.join(data_root, "nut", "test"), folder / "nut")
+  rgb = transforms.load_image(os.path.join(data_root, "nut", "test", "good", "000.png"))
+  grey = rgb[..., 0].astype(np.uint16) * 257
+  Image.fromarray(np.resize(grey, (50, 90))).save(folder / "nut" / "wide16.png")
+  Image.fromarray(np.resize(rgb, (70, 40, 3))).convert("P").save(folder / "nut" / "palette.png")
+  return str(folder)
 
 
 def test_the_predictor_reports_a_missing_export_in_one_line(jax_free_python, data_root, tmp_path):

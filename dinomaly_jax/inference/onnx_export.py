@@ -14,6 +14,8 @@ normalised_scores, anomalous (bool). `onnx_predictor.py` runs the file without J
 import contextlib
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 
 import jax
@@ -46,6 +48,50 @@ def onnx_model(inference, crop: int) -> bytes:
     proto = jax2onnx.to_onnx(as_tuple, inputs=specs, model_name="dinomaly", opset=OPSET,
                              input_names=list(INPUTS), output_names=list(OUTPUTS))
   return proto.SerializeToString()
+
+
+@contextlib.contextmanager
+def _quiet(*loggers):
+  """Only errors from these loggers while the block runs."""
+  saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
+  for logger, _ in saved:
+    logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    for logger, level in saved:
+      logger.setLevel(level)
+
+
+def write_openvino(onnx_bytes: bytes, out_dir: str) -> list[str]:
+  """The OpenVINO IR (float32) of an ONNX model into out_dir (local or URL); returns the paths.
+
+  Converted in a child Python: OpenVINO's converter forks, which JAX warns may deadlock a
+  process that has started JAX's threads.
+  """
+  with tempfile.TemporaryDirectory() as tmp:
+    onnx_path, ir_dir = os.path.join(tmp, ONNX_FILE), os.path.join(tmp, "ir")
+    with open(onnx_path, "wb") as f:
+      f.write(onnx_bytes)
+    proc = subprocess.run([sys.executable, "-c", _CONVERT, onnx_path, os.path.join(ir_dir, OPENVINO_FILE)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode == _NO_OPENVINO:
+      raise ConfigError("config.export.format='openvino' needs openvino: install the deploy extra "
+                        "(pip install -e '.[deploy]').")
+    if proc.returncode:
+      raise RuntimeError(f"OpenVINO could not convert the ONNX model:\n{proc.stderr[-3000:]}")
+    storage.copy_tree(ir_dir, out_dir)
+    return sorted(storage.join(out_dir, name) for name in os.listdir(ir_dir))
+
+
+_NO_OPENVINO = 3
+_CONVERT = f"""import sys
+try:
+  import openvino as ov
+except ImportError:
+  sys.exit({_NO_OPENVINO})
+ov.save_model(ov.convert_model(sys.argv[1]), sys.argv[2], compress_to_fp16=False)  # float32 weights
+"""
 
 
 @contextlib.contextmanager

@@ -84,10 +84,10 @@ class Predictor:
 
   def full_resolution(self, amap: np.ndarray, original_hw) -> np.ndarray:
     """(S, S) map -> (H, W) float32 on the original image; pixels outside the crop are 0."""
-    rows, cols = (_axis_weights(out, amap.shape[i], self.info["resize"], self.info["input_size"])
+    rows, cols = (_axis_taps(out, amap.shape[i], self.info["resize"], self.info["input_size"])
                   for i, out in enumerate(original_hw))
-    along_rows = _two_taps(rows, amap.T[None])  # (1, w, H)
-    return _two_taps(cols, along_rows.transpose(0, 2, 1))[0].astype(np.float32)  # (H, W)
+    along_rows = _resize_last_axis(amap.T, rows)  # (w, H)
+    return _resize_last_axis(along_rows.T, cols).astype(np.float32)  # (H, W)
 
 
 def crop_offset(size: int, crop: int) -> int:
@@ -123,31 +123,22 @@ def list_images(pattern: str) -> list[str]:
   return paths
 
 
-def _bilinear_weights(positions: np.ndarray, in_size: int) -> np.ndarray:
-  """(out,) positions in input pixels -> (out, in) bilinear weights, edges clamped."""
-  pos = np.clip(np.asarray(positions, np.float64), 0, in_size - 1)
-  lo = np.minimum(np.floor(pos).astype(np.int64), max(in_size - 2, 0))
-  frac = pos - lo
-  weights = np.zeros((pos.size, in_size))
-  rows = np.arange(pos.size)
-  np.add.at(weights, (rows, lo), 1 - frac)
-  np.add.at(weights, (rows, np.minimum(lo + 1, in_size - 1)), frac)
-  return weights
+def _axis_taps(out_size: int, map_size: int, resize: int, crop: int):
+  """Bilinear taps from one map axis to image pixels: (out_size,) lower and upper map indices
+  and their float32 weights; both weights are 0 for pixels outside the crop the model saw."""
+  in_crop = (np.arange(out_size) + 0.5) * resize / out_size - crop_offset(resize, crop)  # crop pixels
+  pos = np.clip(in_crop * map_size / crop - 0.5, 0, map_size - 1)
+  lower = np.minimum(np.floor(pos).astype(np.int64), max(map_size - 2, 0))
+  frac = pos - lower
+  seen = (in_crop >= 0) & (in_crop <= crop)
+  return (lower, np.minimum(lower + 1, map_size - 1), np.where(seen, 1 - frac, 0).astype(np.float32),
+          np.where(seen, frac, 0).astype(np.float32))
 
 
-def _axis_weights(out_size: int, map_size: int, resize: int, crop: int) -> np.ndarray:
-  """(out_size, map_size) weights from one map axis to image pixels; 0 outside the crop."""
-  in_crop = (np.arange(out_size) + 0.5) * resize / out_size - crop_offset(resize, crop)
-  weights = _bilinear_weights(in_crop * map_size / crop - 0.5, map_size)
-  weights[(in_crop < 0) | (in_crop > crop)] = 0
-  return weights.astype(np.float32)
-
-
-def _two_taps(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
-  """x (B, a, n) -> x @ weights.T (B, a, out) for weights with at most two non-zeros per row."""
-  idx = np.argsort(weights == 0, axis=1, kind="stable")[:, :2]
-  w = np.take_along_axis(weights, idx, axis=1)
-  return x[..., idx[:, 0]] * w[:, 0] + x[..., idx[:, 1]] * w[:, 1]
+def _resize_last_axis(x: np.ndarray, taps) -> np.ndarray:
+  """x (..., map_size) -> (..., out_size) with the taps of _axis_taps."""
+  lower, upper, w_lower, w_upper = taps
+  return x[..., lower] * w_lower + x[..., upper] * w_upper
 
 
 def _jet_table() -> np.ndarray:
