@@ -92,33 +92,3 @@ except ImportError:
   sys.exit({_NO_OPENVINO})
 ov.save_model(ov.convert_model(sys.argv[1]), sys.argv[2], compress_to_fp16=False)  # float32 weights
 """
-
-
-@contextlib.contextmanager
-def _quiet(*loggers):
-  """Only errors from these loggers while the block runs."""
-  saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
-  for logger, _ in saved:
-    logger.setLevel(logging.ERROR)
-  try:
-    yield
-  finally:
-    for logger, level in saved:
-      logger.setLevel(level)
-
-
-def write_openvino(onnx_bytes: bytes, out_dir: str) -> list[str]:
-  """The OpenVINO IR (float32) of an ONNX model into out_dir (local or URL); returns the paths."""
-  try:
-    import openvino as ov  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ConfigError("config.export.format='openvino' needs openvino: install the deploy extra "
-                      "(pip install -e '.[deploy]').") from None
-  with tempfile.TemporaryDirectory() as tmp:
-    onnx_path = os.path.join(tmp, ONNX_FILE)
-    with open(onnx_path, "wb") as f:
-      f.write(onnx_bytes)
-    ir_dir = os.path.join(tmp, "ir")
-    ov.save_model(ov.convert_model(onnx_path), os.path.join(ir_dir, OPENVINO_FILE), compress_to_fp16=False)
-    storage.copy_tree(ir_dir, out_dir)
-    return sorted(storage.join(out_dir, name) for name in os.listdir(ir_dir))
