@@ -64,3 +64,15 @@ def test_unknown_impl_is_rejected():
   q = jnp.zeros((1, 4, 1, 8))
   with pytest.raises(ValueError, match="auto.*xla.*cudnn.*blocked.*'flash'"):
     attention.dot_product_attention(q, q, q, impl="flash")
+
+
+def test_blocked_exports_with_a_symbolic_batch():
+  # ViT-S at 112 (69 tokens, 6 heads): min(6*b, 275) pairs per step cannot be decided for a
+  # symbolic b; the export takes 6 (a divisor of the heads) and gives the concrete results.
+  q, k, v = _qkv((3, 69, 6, 8), seed=4)
+  spec = jax.ShapeDtypeStruct((*jax.export.symbolic_shape("b"), 69, 6, 8), jnp.float32)
+  blocked = lambda *a: attention.dot_product_attention(*a, impl="blocked")
+  exported = jax.export.export(jax.jit(blocked))(spec, spec, spec)
+  np.testing.assert_allclose(exported.call(q, k, v), jax.jit(blocked)(q, k, v), atol=1e-6, rtol=0)
+  np.testing.assert_allclose(exported.call(q[:1], k[:1], v[:1]), _reference(q[:1], k[:1], v[:1]),
+                             atol=1e-5, rtol=0)

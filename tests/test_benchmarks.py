@@ -39,3 +39,16 @@ def test_benchmark_quick_writes_json_and_markdown(tmp_path):
 def test_gpu_check_smoke_runs_on_cpu(tmp_path):
   _run(["benchmarks.gpu_check", "--smoke"], tmp_path)
   assert any(n.endswith(".json") for n in os.listdir(tmp_path))
+
+
+def test_deploy_speed_writes_all_runtimes_and_their_parity(tmp_path):
+  _run(["benchmarks.deploy_speed", "--grid", "small:28:2", "--name", "deploy"], tmp_path)
+  result = json.load(open(tmp_path / "deploy.json"))
+  rows = {r["impl"]: r for r in result["results"]}
+  assert list(rows) == ["jax", "onnxruntime", "openvino_f32", "openvino_bf16"]
+  for name, row in rows.items():
+    assert len(row["seconds"]) == 5 and row["threads"] == 1
+    assert sum(row["cpu_seconds"]) <= 1.1 * sum(row["seconds"]), name  # confined to one core
+  for name in ("onnxruntime", "openvino_f32"):  # float32 runtimes: the JAX maps and scores
+    assert rows[name]["max_abs_map_diff"] <= 1e-5 and rows[name]["max_abs_score_diff"] <= 1e-5, name
+  assert "| ViT-small | 28 | 2 | openvino_bf16 |" in open(tmp_path / "deploy.md").read()

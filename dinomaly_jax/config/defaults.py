@@ -125,7 +125,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Export ----------------------------------------------------------------------
   c.export = x = ml_collections.ConfigDict()
-  x.platforms = ()  # e.g. ("cpu", "cuda", "tpu"); empty = the platform this runs on
+  x.format = "jax"  # jax (jax.export, needs JAX to run) | onnx (model.onnx) | openvino (+ model.xml/.bin)
+  x.platforms = ()  # format jax: e.g. ("cpu", "cuda", "tpu"); empty = the platform this runs on
   return c
 
 

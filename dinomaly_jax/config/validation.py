@@ -8,6 +8,7 @@ from dinomaly_jax.models import encoders
 from dinomaly_jax.models.structure import is_int
 
 MODES = ("train", "eval", "predict", "export")
+EXPORT_FORMATS = ("jax", "onnx", "openvino")
 LAYOUTS = ("mvtec", "mpdd", "btad", "visa", "realiad", "folder")
 
 
@@ -111,3 +112,4 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(is_int(e.pictures_per_class) and e.pictures_per_class >= 0, "eval.pictures_per_class",
          "an integer >= 0", e.pictures_per_class)
   _in_range(c, "eval.target_fpr", 1e-6, 0.5)
+  _one_of(c, "export.format", EXPORT_FORMATS)

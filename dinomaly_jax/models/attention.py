@@ -48,8 +48,8 @@ def _cudnn_fits(q) -> bool:
 def _blocked_attention(q, k, v):
   """Exact attention looping over groups of (batch, head) pairs; same formula as xla."""
   batch, tokens, heads, head_dim = q.shape
-  group = max(1, min(batch * heads, _BLOCK_LOGITS_BYTES // (4 * tokens * tokens)))
   pairs = batch * heads
+  group = _pairs_per_step(batch, heads, tokens)
 
   def by_pair(x):  # (B, N, H, D) -> (B*H, N, D)
     return jnp.transpose(x, (0, 2, 1, 3)).reshape(pairs, tokens, head_dim)
@@ -65,3 +65,16 @@ def _blocked_attention(q, k, v):
 
   out = jax.lax.map(one_pair, (by_pair(q), by_pair(k), by_pair(v)), batch_size=group)
   return jnp.transpose(out.reshape(batch, heads, tokens, head_dim), (0, 2, 1, 3))
+
+
+def _pairs_per_step(batch, heads: int, tokens: int) -> int:
+  """(batch, head) pairs per loop step: as many as fit the logits budget, at most all.
+
+  With a symbolic batch size (jax.export, ONNX export) `min(batch * heads, ...)` cannot be
+  decided at trace time, so the group is the largest divisor of `heads` within the budget:
+  it divides batch * heads whatever the batch, and the loop has no remainder step.
+  """
+  fit = max(1, _BLOCK_LOGITS_BYTES // (4 * tokens * tokens))
+  if isinstance(batch, int):
+    return min(batch * heads, fit)
+  return max(d for d in range(1, heads + 1) if heads % d == 0 and d <= fit)
