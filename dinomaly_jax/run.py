@@ -1,4 +1,4 @@
-"""Runs one mode of the main job (train, eval, predict, export) for a config.
+"""Runs one mode of the main job (train, eval, predict, export, compile) for a config.
 
 The entry layer: it validates the config, starts the multi-host runtime, and calls
 the stages (training, evaluation, inference); nothing below imports it.
@@ -21,6 +21,7 @@ from dinomaly_jax.evaluation import html_report
 from dinomaly_jax.evaluation import report
 from dinomaly_jax.inference import export
 from dinomaly_jax.inference import predict
+from dinomaly_jax.planning import slice_compile
 from dinomaly_jax.training import model_state
 from dinomaly_jax.training import preflight
 from dinomaly_jax.training import train
@@ -32,6 +33,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validation.validate(config)  # every field; the model's size may still be "auto"
   encoder_weights.resolve_architecture(config)  # "auto" read from the weights' meta.json
   validation.validate(config)  # the model fields the weights filled in
+  if config.mode == "compile":  # on this machine alone, for the TPU slice it names
+    return slice_compile.compile_for_slice(config, workdir)
   sharding.maybe_initialize_distributed()
   if config.mode in ("train", "eval") and config.data.synthetic:
     _use_demo_data(config, workdir)

@@ -32,21 +32,12 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
   calibrations = calibration.load(workdir)
   classes = list(calibrations)  # the pooled one last
   table = np.array([[c.threshold, c.center, c.scale] for c in calibrations.values()], np.float32)  # (C, 3)
-  config = copy.deepcopy(config)
-  config.model.attention_impl = "xla"  # portable, and traceable with a symbolic batch size
+  config = portable_config(config)
   mesh = sharding.make_mesh()
   model, state = model_state.load_trained(config, workdir, mesh)
-  map_fn = evaluate.map_function(model, config)
   variables = jax.device_get(model_state.variables(state))
   leaves, treedef = jax.tree.flatten(variables)
-
-  def inference(param_leaves, images, class_ids):
-    maps, scores = map_fn(jax.tree.unflatten(treedef, param_leaves), images)  # (b, S, S), (b,)
-    threshold, center, scale = jnp.asarray(table)[class_ids].T  # (b,) each
-    return {"maps": maps, "scores": scores,
-            "normalised_maps": (maps - center[:, None, None]) / scale[:, None, None],
-            "normalised_scores": (scores - center) / scale, "anomalous": scores >= threshold}
-
+  inference = inference_function(model, config, treedef, table)
   crop = config.data.crop
   (batch,) = jax.export.symbolic_shape("b")
   image_spec = jax.ShapeDtypeStruct((batch, crop, crop, 3), np.float32)
@@ -72,3 +63,26 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
     storage.write_text(storage.join(out, "export_info.json"), json.dumps(info, indent=2))
     print(f"Exported the inference function ({', '.join(exported.platforms)}) to {out}")
   return out
+
+
+def portable_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config the exported function is traced with: "xla" attention (portable, and
+  traceable with a symbolic batch size)."""
+  config = copy.deepcopy(config)
+  config.model.attention_impl = "xla"
+  return config
+
+
+def inference_function(model, config, treedef, table):
+  """The exported function: (parameter leaves, images (b, crop, crop, 3), class ids (b,)) ->
+  raw, normalised maps and scores and decisions; table (C, 3): threshold, center, scale."""
+  map_fn = evaluate.map_function(model, config)
+
+  def inference(param_leaves, images, class_ids):
+    maps, scores = map_fn(jax.tree.unflatten(treedef, param_leaves), images)  # (b, S, S), (b,)
+    threshold, center, scale = jnp.asarray(table)[class_ids].T  # (b,) each
+    return {"maps": maps, "scores": scores,
+            "normalised_maps": (maps - center[:, None, None]) / scale[:, None, None],
+            "normalised_scores": (scores - center) / scale, "anomalous": scores >= threshold}
+
+  return inference
