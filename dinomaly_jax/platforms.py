@@ -10,7 +10,8 @@ host's backend, so a TPU compile made on a CPU host is the TPU program.
 With libtpu installed (the `[tpu]` extra) on a machine without TPU chips, JAX would try
 the TPU backend at start-up and libtpu would print warnings about the missing TPU
 environment; `use_local_hardware_only()` keeps JAX on the CPU there, and
-`quiet_libtpu_without_tpu()` gives libtpu a single-host environment for compiling.
+`quiet_libtpu_without_tpu()` gives libtpu a single-host environment for compiling (and
+lets several processes load it at once: there is no TPU to share).
 """
 import contextlib
 import glob
@@ -68,6 +69,7 @@ def quiet_libtpu_without_tpu(accelerator_type: str) -> None:
   environment of one TPU host, which libtpu otherwise asks a metadata server for and warns."""
   if tpu_chips_here():
     return
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chip to share: no lock between processes
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type)

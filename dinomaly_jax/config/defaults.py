@@ -135,6 +135,7 @@ def base_config() -> ml_collections.ConfigDict:
   k.topology = ""  # e.g. "v5e:2x2", "v5e:16x16", "v6e:2x4", "v5p:2x2x1" (chip:shape)
   k.functions = ("train", "eval", "predict")  # which ones to compile
   k.find_largest_batch = True  # also find the largest global batch that fits (2-4 compiles each)
+  k.max_memory_gib = 0.0  # memory per chip a batch may use (e.g. to keep headroom); 0 = the chip's HBM
   return c
 
 

@@ -124,3 +124,4 @@ def validate(c: ml_collections.ConfigDict) -> None:
          f"a non-empty subset of {list(COMPILE_FUNCTIONS)}", k.functions)
   _check(isinstance(k.find_largest_batch, bool), "compile.find_largest_batch", "True or False",
          k.find_largest_batch)
+  _in_range(c, "compile.max_memory_gib", 0.0, 1e6)

@@ -39,7 +39,7 @@ from dinomaly_jax.training import train_step
 GIB = 2**30
 REPORT_DIR = "compile"
 MAX_PER_CHIP = 4096  # the largest per-chip batch the search considers
-_RETRIES = 2  # compiles after a predicted batch that did not fit
+_HBM_SHARES = (1.0, 0.98, 0.95)  # of the memory budget, aimed at by the search's successive tries
 
 
 class DoesNotFit(ConfigError):
@@ -105,33 +105,45 @@ def _check_function(function, config, model, devices, chip) -> dict:
     raise ConfigError(f"config.{field}={batch}: the global batch must be a multiple of the "
                       f"{len(devices)} chips of {config.compile.topology}.")
   per_chip = batch // chips
-  hbm = chip.hbm_gib * GIB
-  tried: dict[int, Compiled | None] = {}
+  budget_gib = config.compile.max_memory_gib or chip.hbm_gib
+  room = (f"the {chip.hbm_gib:g} GiB of a {chip.name} chip" if not config.compile.max_memory_gib
+          else f"the {budget_gib:g} GiB allowed per chip (compile.max_memory_gib)")
+  budget = budget_gib * GIB
+  tried: dict[int, Compiled | None] = {}  # None: out of the chip's memory
 
-  def at(b: int) -> Compiled | None:
+  def measure(b: int) -> Compiled | None:
+    """The compile at per-chip batch b (once), None if out of the chip's memory."""
     if b not in tried:
       tried[b] = compile_at(b)
+      memory = "out of the chip's memory" if tried[b] is None else f"{tried[b].total_bytes / GIB:.2f} GiB per chip"
+      print(f"  [{label} at {b} per chip: {memory}; {'-' if tried[b] is None else f'{tried[b].seconds:.0f} s'}]",
+            flush=True)
     return tried[b]
 
-  configured = at(per_chip)
-  largest = (_largest_batch(at, per_chip, hbm)
+  configured = measure(per_chip)
+  if configured is not None and configured.total_bytes > budget:
+    configured = None
+  largest = (_largest_batch(measure, per_chip, budget)
              if config.compile.find_largest_batch or configured is None else None)
+  batch_word = "global batch" if chips > 1 else "batch"
   if configured is None:
-    need = _line(tried).get(per_chip)
-    needs = f"about {need / GIB:.1f} GiB per chip (extrapolated)" if need else "more memory than a chip has"
-    fits = (f"the largest global batch that fits is {largest.per_chip_batch * chips} "
+    need = (tried[per_chip].total_bytes if tried[per_chip] else _line(tried).get(per_chip))
+    needs = (f"{need / GIB:.2f} GiB per chip{' (extrapolated)' * (tried[per_chip] is None)}" if need
+             else "more memory than a chip has")
+    fits = (f"the largest {batch_word} that fits is {largest.per_chip_batch * chips} "
             f"({largest.total_bytes / GIB:.2f} GiB per chip)" if largest else
             "it does not fit even at 1 image per chip")
-    raise DoesNotFit(f"{label} at global batch {batch} on {config.compile.topology} needs {needs}, over "
-                     f"the {chip.hbm_gib:g} GiB of a {chip.name} chip; {fits}.")
+    raise DoesNotFit(f"{label} at {batch_word} {batch} on {config.compile.topology} needs {needs}, "
+                     f"over {room}; {fits}.")
   result = _describe(configured, chips, chip)
-  print(f"{label}, global batch {batch} ({per_chip} per chip; compiled in {configured.seconds:.0f} s):", flush=True)
+  where = f"global batch {batch} ({per_chip} per chip" if chips > 1 else f"batch {batch} (one chip"
+  print(f"{label}, {where}; compiled in {configured.seconds:.0f} s):", flush=True)
   _print_figures(result, chip)
   if largest is not None:
     result["largest_batch"] = _describe(largest, chips, chip)
-    print(f"  largest global batch that fits: {largest.per_chip_batch * chips} ({largest.per_chip_batch} "
-          f"per chip, {largest.total_bytes / GIB:.2f} GiB; linear in the batch from "
-          f"{len(tried)} compiles, the last one at that batch), ESTIMATE "
+    print(f"  largest {batch_word} that fits: {largest.per_chip_batch * chips} ({largest.per_chip_batch} "
+          f"per chip, {largest.total_bytes / GIB:.2f} GiB; the memory line of {len(tried)} compiles, "
+          f"checked by a compile at that batch), ESTIMATE "
           f"{result['largest_batch']['estimated_images_per_s']:,.0f} images/s", flush=True)
   result["compiles"] = {str(b): (c.total_bytes if c else None) for b, c in sorted(tried.items())}
   return result
@@ -177,7 +189,7 @@ def _function(function, config, model, devices):
                                   _specs(_f32(image(b)), one_chip),
                                   _specs(jax.ShapeDtypeStruct((b,), np.int32), one_chip))
   per_chip = -(-config.eval.batch_size // len(devices))
-  return "exported prediction function (one chip)", compile_at, 1, per_chip
+  return "exported prediction function", compile_at, 1, per_chip
 
 
 def _f32(shape) -> jax.ShapeDtypeStruct:
@@ -207,7 +219,7 @@ def _compile(fn, per_chip_batch, *args) -> Compiled | None:
 
 
 def _line(tried: dict) -> dict:
-  """Memory per chip of every tried batch, from the line through the two smallest that fit."""
+  """Memory per chip of every tried batch, from the line through the two smallest compiled."""
   fitting = sorted((b, c.total_bytes) for b, c in tried.items() if c is not None)
   if len(fitting) < 2:
     return {}
@@ -216,35 +228,36 @@ def _line(tried: dict) -> dict:
   return {b: m1 + slope * (b - b1) for b in tried}
 
 
-def _largest_batch(at, per_chip: int, hbm: float) -> Compiled | None:
-  """The largest per-chip batch that compiles: two batches that fit give the memory line,
-  its crossing with the HBM is checked by a compile (if over, a little smaller, twice)."""
-  upper = MAX_PER_CHIP + 1  # the smallest batch known not to fit
-  if at(per_chip) is None:
-    pair, upper = (1, 2), per_chip
-  elif at(2 * per_chip) is None:
-    pair, upper = (per_chip // 2, per_chip), 2 * per_chip
+def _largest_batch(measure, per_chip: int, budget: float) -> Compiled | None:
+  """The largest per-chip batch whose compile fits in `budget` bytes. Two compiled batches
+  (the configured one and its double or half) give the memory line; its crossing with the
+  budget is checked by a compile (if over, aiming at 98% then 95% of the budget)."""
+  fits = lambda b: measure(b) is not None and measure(b).total_bytes <= budget
+  if measure(per_chip) is None:  # out of memory: no measurement there; start from the smallest
+    b1, b2, upper = 1, 2, per_chip
+  elif fits(per_chip):
+    b1, b2, upper = per_chip, 2 * per_chip, MAX_PER_CHIP + 1
   else:
-    pair = (per_chip, 2 * per_chip)
-  if pair[0] < 1:
-    return at(per_chip)  # 1 fits, 2 does not
-  if at(pair[0]) is None:
-    return None  # 1 per chip does not fit
-  if at(pair[1]) is None:
-    return at(pair[0])  # 1 fits, 2 does not
-  (b1, c1), (b2, c2) = [(b, at(b)) for b in pair]
+    b1, b2, upper = per_chip // 2, per_chip, per_chip
+  if b1 < 1 or b2 > upper:
+    return None  # the configured batch is 1 and does not fit
+  best = max([b for b in (b1, b2) if fits(b)], default=0)  # the largest batch known to fit
+  c1, c2 = measure(b1), measure(b2)
+  if c1 is None or c2 is None:  # a point out of the chip's memory: no line
+    return measure(best) if best else None
+  if not fits(b2):
+    upper = min(upper, b2)
   slope = (c2.total_bytes - c1.total_bytes) / (b2 - b1)
-  guess = b1 + int((hbm - c1.total_bytes) / slope) if slope > 0 else MAX_PER_CHIP
-  best = b2  # the largest batch known to fit
-  for _ in range(1 + _RETRIES):
+  for share in _HBM_SHARES:  # the compiler keeps a little of the HBM (0.25 of a v5e's 16 GiB)
+    guess = b1 + int((share * budget - c1.total_bytes) // slope) if slope > 0 else MAX_PER_CHIP
     guess = min(guess, upper - 1)
     if guess <= best:
       break
-    if at(guess) is not None:
+    if fits(guess):
       best = guess
       break
-    upper, guess = guess, best + (guess - best) * 9 // 10
-  return at(best)
+    upper = guess
+  return measure(best) if best else None
 
 
 def _describe(c: Compiled, chips: int, chip: tpu_chips.Chip) -> dict:
