@@ -5,6 +5,8 @@ r"""Dinomaly-JAX: train, evaluate, predict, export.
       --config.data.root=/data/VisA_pytorch/1cls --config.encoder_weights=weights/vitb14_reg4
   python -m dinomaly_jax.main --workdir=runs/visa --mode=eval
   python -m dinomaly_jax.main --workdir=runs/visa --mode=predict --config.predict.input=/data/new
+  python -m dinomaly_jax.main --config=configs/mvtec.py:vit=base --workdir=/tmp/plan \
+      --mode=compile --config.compile.topology=v5e:16x16   # check a TPU slice (needs [tpu])
 
 A trained work directory keeps its configuration (config.json): eval, predict, export and
 resuming need only --workdir, plus the fields that may change (data root, eval/predict options).
@@ -18,11 +20,12 @@ from ml_collections import config_flags
 
 from dinomaly_jax import command_line
 from dinomaly_jax import errors
+from dinomaly_jax import platforms
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py[:args]); default: <workdir>/config.json.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory: checkpoints, logs, reports.")
-_MODE = flags.DEFINE_enum("mode", None, ["train", "eval", "predict", "export"],
+_MODE = flags.DEFINE_enum("mode", None, ["train", "eval", "predict", "export", "compile"],
                           "Overrides config.mode.")
 flags.DEFINE_bool("verbose", False, f"Show tracebacks of errors (or set ${command_line.VERBOSE_ENV}=1).")
 flags.mark_flags_as_required(["workdir"])
@@ -43,6 +46,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # keep the libraries' INFO lines off the terminal
+  platforms.use_local_hardware_only()  # libtpu installed without a TPU: stay quiet on the CPU
   try:
     config = _CONFIG.value
     if _FROM_SAVED[-1]:

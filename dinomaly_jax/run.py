@@ -1,4 +1,4 @@
-"""Runs one mode of the main job (train, eval, predict, export) for a config.
+"""Runs one mode of the main job (train, eval, predict, export, compile) for a config.
 
 The entry layer: it validates the config, starts the multi-host runtime, and calls
 the stages (training, evaluation, inference); nothing below imports it.
@@ -20,6 +20,7 @@ from dinomaly_jax.evaluation import html_report
 from dinomaly_jax.evaluation import report
 from dinomaly_jax.inference import export
 from dinomaly_jax.inference import predict
+from dinomaly_jax.planning import slice_compile
 from dinomaly_jax.training import model_state
 from dinomaly_jax.training import train
 from dinomaly_jax.weights import encoder_weights
@@ -27,11 +28,14 @@ from dinomaly_jax.weights import encoder_weights
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validation.validate(config)  # every field; the model's size may still be "auto"
-  # Before anything starts JAX's backends (converting a .pth with orbax does): each host then
-  # converts the weights into its own cache, as one process among others.
-  sharding.maybe_initialize_distributed()
+  if config.mode != "compile":  # the compile mode runs on this machine alone, for the slice it names
+    # Before anything starts JAX's backends (converting a .pth does): each host then converts
+    # the weights into its own cache, as one process among others.
+    sharding.maybe_initialize_distributed()
   encoder_weights.resolve_architecture(config)  # "auto" read from the weights' meta.json
   validation.validate(config)  # the model fields the weights filled in
+  if config.mode == "compile":
+    return slice_compile.compile_for_slice(config, workdir)
   if config.mode in ("train", "eval") and config.data.synthetic:
     _use_demo_data(config, workdir)
   if config.mode == "train":

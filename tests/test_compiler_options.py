@@ -15,7 +15,7 @@ def _ynn_fusions(options) -> int:
 
 def test_cpu_options_move_products_to_eigen(monkeypatch):
   monkeypatch.delenv("XLA_FLAGS", raising=False)
-  compiler_options.heavy_jit_options.cache_clear()
+  compiler_options.options_for.cache_clear()
   options = compiler_options.heavy_jit_options()
   assert options == compiler_options.CPU_OPTIONS
   assert _ynn_fusions(None) == 1  # XLA's default: the product on YNNPACK
@@ -27,8 +27,8 @@ def test_cpu_options_move_products_to_eigen(monkeypatch):
 
 def test_user_xla_flags_win(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
-  compiler_options.heavy_jit_options.cache_clear()
+  compiler_options.options_for.cache_clear()
   try:
     assert compiler_options.heavy_jit_options() is None
   finally:
-    compiler_options.heavy_jit_options.cache_clear()
+    compiler_options.options_for.cache_clear()

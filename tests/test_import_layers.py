@@ -3,12 +3,13 @@
 Every import is read with `ast`, including those inside functions, so a lazy import
 cannot hide a cycle. Layers (a module may import its own layer and those below):
   0 utilities     dinomaly_jax.errors, dinomaly_jax.sharding, dinomaly_jax.storage,
-                  dinomaly_jax.compiler_options
+                  dinomaly_jax.compiler_options, dinomaly_jax.platforms,
+                  dinomaly_jax.tpu_chips
   1 foundations   dinomaly_jax.models, dinomaly_jax.data
   2 setup         dinomaly_jax.config, dinomaly_jax.weights
   3 evaluation    dinomaly_jax.evaluation
   4 training      dinomaly_jax.training
-  5 inference     dinomaly_jax.inference
+  5 inference     dinomaly_jax.inference, dinomaly_jax.planning
   6 entry points  dinomaly_jax.main, dinomaly_jax.run, dinomaly_jax.command_line, the data CLIs, weight_conversion, configs
   7 dev tools     benchmarks, tests
 """
@@ -23,10 +24,12 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("dinomaly_jax", "weight_conversion", "benchmarks", "configs", "tests")
 LAYERS = [  # (module prefix, layer); the longest matching prefix wins
     ("dinomaly_jax.errors", 0), ("dinomaly_jax.sharding", 0), ("dinomaly_jax.storage", 0),
-    ("dinomaly_jax.compiler_options", 0),
+    ("dinomaly_jax.compiler_options", 0), ("dinomaly_jax.platforms", 0),
+    ("dinomaly_jax.tpu_chips", 0),
     ("dinomaly_jax.models", 1), ("dinomaly_jax.data", 1),
     ("dinomaly_jax.config", 2), ("dinomaly_jax.weights", 2),
     ("dinomaly_jax.evaluation", 3), ("dinomaly_jax.training", 4), ("dinomaly_jax.inference", 5),
+    ("dinomaly_jax.planning", 5),
     ("dinomaly_jax.main", 6), ("dinomaly_jax.run", 6), ("dinomaly_jax.command_line", 6), ("dinomaly_jax.data.pack", 6),
     ("dinomaly_jax.data.visa_prepare", 6), ("weight_conversion", 6), ("configs", 6),
     ("benchmarks", 7), ("tests", 7),

@@ -23,7 +23,7 @@ VIT_TARGET_LAYERS = {
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.mode = "train"  # train | eval | predict | export
+  c.mode = "train"  # train | eval | predict | export | compile
   c.seed = 0
 
   # --- Model -----------------------------------------------------------------
@@ -127,6 +127,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.export = x = ml_collections.ConfigDict()
   x.format = "jax"  # jax (jax.export, needs JAX to run) | onnx (model.onnx) | openvino (+ model.xml/.bin)
   x.platforms = ()  # format jax: e.g. ("cpu", "cuda", "tpu"); empty = the platform this runs on
+
+  # --- Compile mode (--mode=compile): check a TPU slice before renting it ----------------
+  # Compiles the train step, the evaluation map function and the exported prediction
+  # function for a TPU topology on this machine (needs the [tpu] extra, no TPU) and prints
+  # memory per chip, FLOPs and an estimated speed.
+  c.compile = k = ml_collections.ConfigDict()
+  k.topology = ""  # e.g. "v5e:2x2", "v5e:16x16", "v6e:2x4", "v5p:2x2x1" (chip:shape)
+  k.functions = ("train", "eval", "predict")  # which ones to compile
+  k.find_largest_batch = True  # also find the largest global batch that fits (2-4 compiles each)
+  k.max_memory_gib = 0.0  # memory per chip a batch may use (e.g. to keep headroom); 0 = the chip's HBM
   return c
 
 

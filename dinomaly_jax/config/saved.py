@@ -28,7 +28,7 @@ _FREE_FIELDS = ("mode", "encoder_weights", "model.attention_impl", "data.root", 
                 "train.log_every", "train.eval_every", "train.checkpoint_every",
                 "train.keep_checkpoints", "train.stop_after", "train.spike_policy", "train.spike_factor",
                 "train.spike_window", "train.spike_lr_factor", "train.spike_max_rollbacks", "eval.",
-                "predict.", "export.")
+                "predict.", "export.", "compile.")
 
 
 def is_free_field(field: str) -> bool:

@@ -1,14 +1,16 @@
 """Checks every config field before any work starts; errors name the field."""
 import ml_collections
 
+from dinomaly_jax import tpu_chips
 from dinomaly_jax.config import defaults
 from dinomaly_jax.errors import ConfigError
 from dinomaly_jax.models import dinomaly
 from dinomaly_jax.models import encoders
 from dinomaly_jax.models.structure import is_int
 
-MODES = ("train", "eval", "predict", "export")
+MODES = ("train", "eval", "predict", "export", "compile")
 EXPORT_FORMATS = ("jax", "onnx", "openvino")
+COMPILE_FUNCTIONS = ("train", "eval", "predict")
 LAYOUTS = ("mvtec", "mpdd", "btad", "visa", "realiad", "folder")
 
 
@@ -60,7 +62,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
   d = c.data
   _one_of(c, "data.layout", LAYOUTS)
-  _check(bool(d.root) or d.synthetic or c.mode in ("predict", "export"), "data.root",
+  _check(bool(d.root) or d.synthetic or c.mode in ("predict", "export", "compile"), "data.root",
          "the dataset folder (e.g. --config.data.root=/data/mvtec)", d.root)
   _positive_int(c, "data.crop")
   patch = encoders.patch_size(m.family)
@@ -113,3 +115,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
          "an integer >= 0", e.pictures_per_class)
   _in_range(c, "eval.target_fpr", 1e-6, 0.5)
   _one_of(c, "export.format", EXPORT_FORMATS)
+
+  k = c.compile
+  if c.mode == "compile":
+    _check(tpu_chips.parse_topology(k.topology) is not None, "compile.topology",
+           f"a TPU topology <chip>:<shape> with chip one of {sorted(tpu_chips.CHIPS)} "
+           "(e.g. v5e:2x2, v5e:16x16, v6e:2x4, v5p:2x2x1)", k.topology)
+  _check(isinstance(k.functions, (tuple, list)) and len(k.functions) > 0
+         and set(k.functions) <= set(COMPILE_FUNCTIONS), "compile.functions",
+         f"a non-empty subset of {list(COMPILE_FUNCTIONS)}", k.functions)
+  _check(isinstance(k.find_largest_batch, bool), "compile.find_largest_batch", "True or False",
+         k.find_largest_batch)
+  _in_range(c, "compile.max_memory_gib", 0.0, 1e6)

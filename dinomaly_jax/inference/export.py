@@ -37,11 +37,9 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
   calibrations = calibration.load(workdir)
   classes = list(calibrations)  # the pooled one last
   table = np.array([[c.threshold, c.center, c.scale] for c in calibrations.values()], np.float32)  # (C, 3)
-  config = copy.deepcopy(config)
-  config.model.attention_impl = "xla"  # portable: plain products and softmax in every runtime
+  config = portable_config(config)
   mesh = sharding.make_mesh()
   model, state = model_state.load_trained(config, workdir, mesh)
-  map_fn = evaluate.map_function(model, config)
   variables = jax.device_get(model_state.variables(state))
   leaves, treedef = jax.tree.flatten(variables)
   inference = inference_function(map_fn, treedef, table)
@@ -65,6 +63,14 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
   if storage.is_primary():
     print(f"Exported the inference function ({fmt}) to {', '.join(written)}")
   return out
+
+
+def portable_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config the exported function is traced with: "xla" attention (plain products and
+  softmax in every runtime, traceable with a symbolic batch size)."""
+  config = copy.deepcopy(config)
+  config.model.attention_impl = "xla"
+  return config
 
 
 def inference_function(map_fn, treedef, table: np.ndarray):

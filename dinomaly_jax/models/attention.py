@@ -11,6 +11,8 @@ Implementations (all compute softmax(q k^T * head_dim**-0.5) v, softmax in float
 import jax
 import jax.numpy as jnp
 
+from dinomaly_jax import platforms
+
 IMPLS = ("auto", "xla", "cudnn", "blocked")
 
 # Logits bytes per loop step of the blocked path: a few MB, so that a step's (N, N)
@@ -31,7 +33,7 @@ def dot_product_attention(q, k, v, impl: str = "auto"):
 
 
 def _auto_impl(q) -> str:
-  backend = jax.default_backend()
+  backend = platforms.target()  # the platform compiled for (a TPU slice in the compile mode)
   if backend == "cpu":
     return "blocked"
   if backend == "gpu" and _cudnn_fits(q):

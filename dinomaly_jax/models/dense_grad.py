@@ -19,13 +19,15 @@ import functools
 import jax
 from jax import lax
 
+from dinomaly_jax import platforms
+
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
   """Drop-in `dot_general` for flax's nn.Dense (inputs (..., D) x kernel (D, F))."""
   (contracting, batch) = dimension_numbers
   is_dense = (rhs.ndim == 2 and tuple(map(tuple, contracting)) == ((lhs.ndim - 1,), (0,))
               and not any(batch) and preferred_element_type is None)
-  if jax.default_backend() != "cpu" or not is_dense:
+  if platforms.target() != "cpu" or not is_dense:
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
   return _dense_product(lhs, rhs, precision)

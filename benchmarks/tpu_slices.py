@@ -1,0 +1,115 @@
+"""The README's "Check a pod before you rent it" table: the compile mode for each model
+and TPU slice (largest global batch that fits, estimated images/s), train and eval.
+
+  python -m benchmarks.tpu_slices [--out benchmarks/results] [--models vit_s,vit_b] [--slices v5e-8]
+
+Needs libtpu (pip install -e ".[tpu]"). Each cell runs `python -m dinomaly_jax.main
+--mode=compile` (the train step and the evaluation map function, each 3 to 5 compiles for the
+batch search); a ViT-B train step takes about 7 minutes per compile on 2 busy CPU cores, so
+the cells are written to <out>/tpu-slices.json as they finish and a run continues from them.
+The compiles are deterministic: a busy machine makes them slower, not different.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (config argument, crop)
+MODELS = {
+    "vit_s": ("encoder=dinov2_vits14_reg4", 392),
+    "vit_b": ("encoder=dinov2_vitb14_reg4", 392),
+    "vit_l": ("encoder=dinov2_vitl14_reg4", 392),
+    "dinov3_vit_l": ("encoder=dinov3_vitl16", 448),
+}
+# name -> topology. The -8 slices are one host of 8 chips on Cloud TPU (v5p-8: 4 chips of
+# 2 cores); the topology description may split them over hosts, which changes nothing per chip.
+SLICES = {"v5e-8": "v5e:2x4", "v5p-8": "v5p:2x2x1", "v6e-8": "v6e:2x4", "v5e-256": "v5e:16x16"}
+START_PER_CHIP = 4  # the search starts from 4 and 8 images per chip
+
+
+def run_cell(model: str, slice_name: str, workdir: str) -> dict:
+  arg, crop = MODELS[model]
+  topology = SLICES[slice_name]
+  chips = 1
+  for n in topology.split(":")[1].split("x"):
+    chips *= int(n)
+  batch = START_PER_CHIP * chips
+  cmd = [sys.executable, "-m", "dinomaly_jax.main", f"--config=configs/mvtec.py:{arg}", f"--workdir={workdir}",
+         "--mode=compile", f"--config.compile.topology={topology}", "--config.compile.functions=('train','eval')",
+         f"--config.train.batch_size={batch}", f"--config.eval.batch_size={batch}"]
+  start = time.time()
+  proc = subprocess.run(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  print(proc.stdout, flush=True)
+  if proc.returncode:
+    return {"error": proc.stdout.strip().splitlines()[-1], "seconds": time.time() - start}
+  with open(os.path.join(workdir, "compile", topology.replace(":", "_") + ".json")) as f:
+    report = json.load(f)
+  report["seconds"] = time.time() - start
+  report["command"] = " ".join(cmd[1:])
+  return report
+
+
+def markdown(cells: dict) -> str:
+  lines = ["# Compile mode: TPU slices (largest global batch that fits, estimated images/s)", "",
+           "Produced by `python -m benchmarks.tpu_slices` (the compile mode, libtpu "
+           f"{_libtpu_version()}, on a CPU machine). Images/s are a roofline ESTIMATE from the chips' "
+           "published peak bf16 FLOP/s and HBM bandwidth (dinomaly_jax/tpu_chips.py), not measurements; "
+           "the batch is the largest the search found (a line through two compiles, checked by a compile).", "",
+           "| model | crop | slice (topology) | function | largest global batch (per chip) | memory per chip | "
+           "GFLOP per image | est. images/s | bound |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for model in MODELS:
+    for slice_name, topology in SLICES.items():
+      cell = cells.get(f"{model}/{slice_name}")
+      label = f"| {model} | {MODELS[model][1]} | {slice_name} ({topology}) "
+      if cell is None:
+        lines.append(label + "| train, eval | not compiled | | | | |")
+        continue
+      if "error" in cell:
+        lines.append(label + f"| train, eval | {cell['error']} | | | | |")
+        continue
+      for function, r in cell["functions"].items():
+        best = r.get("largest_batch", r)
+        mem = best["memory_per_chip_gib"]
+        lines.append(label + f"| {function} | {best['global_batch']} ({best['per_chip_batch']}) | "
+                     f"{mem['total']:.2f} of {mem['hbm']:g} GiB | {best['gflop_per_image']:.0f} | "
+                     f"{best['estimated_images_per_s']:,.0f} | {best['bound']} |")
+  return "\n".join(lines) + "\n"
+
+
+def _libtpu_version() -> str:
+  try:
+    from importlib import metadata  # pylint: disable=import-outside-toplevel
+    return metadata.version("libtpu")
+  except Exception:  # pylint: disable=broad-except
+    return "?"
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="benchmarks/results")
+  parser.add_argument("--models", default=",".join(MODELS))
+  parser.add_argument("--slices", default=",".join(SLICES))
+  args = parser.parse_args(argv)
+  path = os.path.join(args.out, "tpu-slices.json")
+  cells = json.load(open(path)) if os.path.exists(path) else {}
+  for model in args.models.split(","):
+    for slice_name in args.slices.split(","):
+      key = f"{model}/{slice_name}"
+      if key in cells and "error" not in cells[key]:
+        continue
+      with tempfile.TemporaryDirectory() as workdir:
+        cells[key] = run_cell(model, slice_name, workdir)
+      with open(path, "w") as f:
+        json.dump(cells, f, indent=2)
+      with open(os.path.join(args.out, "tpu-slices.md"), "w") as f:
+        f.write(markdown(cells))
+
+
+if __name__ == "__main__":
+  main()

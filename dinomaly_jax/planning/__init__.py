@@ -1,0 +1,1 @@
+"""Planning a run: compile for a TPU slice anywhere (the compile mode)."""
