@@ -114,7 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.aupro_max_fpr = 0.3
   e.aupro_thresholds = 200
   e.pictures_per_class = 4  # also the images per strip of report.html
-  e.target_fpr = 0.01  # calibrated thresholds: this fraction of normal calibration images above
+  e.target_fpr = 0.01  # promised false-positive rate of the calibrated thresholds (conformal; needs >= 1/target - 1 images)
 
   # --- Prediction ------------------------------------------------------------------
   c.predict = p = ml_collections.ConfigDict()

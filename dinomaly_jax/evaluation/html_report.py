@@ -164,6 +164,8 @@ def write(out_dir: str, result: dict, views: list[dict]) -> str:
              "0 is the median normal image, 1 the threshold). FPR: share of normal test images flagged; "
              "recall: share of defective ones. The F1-optimal columns choose the threshold with the test "
              "labels: a comparison, not a deployable setting.</p>",
+             f'<p class="small">{html.escape(inspection_lib.GUARANTEE_NOTE)}</p>',
+             *(f'<p class="note">{html.escape(w)}</p>' for w in inspection_lib.warnings(ins)),
              _table(inspection_lib.DECISION_HEADER, inspection_lib.decision_rows(ins)),
              "<h2>Per defect type</h2>",
              _table(inspection_lib.DEFECT_HEADER, inspection_lib.defect_rows(ins)),
