@@ -201,3 +201,14 @@ def test_workdirs_saved_before_calibration_resume_and_may_calibrate_later(tmp_pa
   config.data.calibration.fraction = 0.2  # a different training set is not
   with pytest.raises(IncompatibleWorkdirError, match="config.data.calibration.fraction: saved 0.0, now 0.2"):
     saved_config.check_compatible(str(tmp_path), config)
+
+
+def test_file_names_with_dollar_signs_are_text_not_mathtext(tmp_path):
+  """A name such as "lot $5 $x^{" (unbalanced mathtext) used to crash evaluation after scoring."""
+  image = np.zeros((8, 8, 3), np.uint8)
+  names = ["lot $x^{$ b.png", "a_$\\frac$.png"]
+  paths = pictures.save_strips(str(tmp_path), "nut$", np.stack([image] * 2), np.zeros((2, 8, 8)),
+                               np.zeros((2, 8, 8), np.float32), 0.5, names)
+  assert len(paths) == 2 and all(os.path.getsize(p) for p in paths)
+  fig = pictures.score_figure("nut $x^{", np.array([0.1, 0.9]), np.array([0, 1]), {"t": 0.5})
+  pictures._save(fig, str(tmp_path / "scores.png"))

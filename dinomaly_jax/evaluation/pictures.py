@@ -73,7 +73,7 @@ def save_strips(out_dir: str, class_name: str, images_uint8, masks, maps, thresh
         ax.imshow(picture)
       ax.set_title(title, fontsize=9)
       ax.axis("off")
-    fig.suptitle(f"{class_name}: {name}", fontsize=9)
+    fig.suptitle(f"{class_name}: {name}", fontsize=9, parse_math=False)  # "$" in a name is text
     fig.tight_layout()
     path = storage.join(out_dir, class_name, f"{i:02d}_{_safe(os.path.splitext(name)[0])}.png")
     _save(fig, path)
@@ -114,7 +114,7 @@ def score_figure(class_name: str, scores, labels, thresholds=None) -> Figure:
       ax.set_xlim(0, 1)
       ax.set_ylim(0, 1.02)
       ax.set_title(title, fontsize=9)
-  fig.suptitle(class_name, fontsize=10)
+  fig.suptitle(class_name, fontsize=10, parse_math=False)
   fig.tight_layout()
   return fig
 
