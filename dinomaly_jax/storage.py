@@ -179,6 +179,25 @@ def write_text(path, text: str) -> None:
   write_bytes(path, text.encode())
 
 
+def append_text(path, text: str) -> None:
+  """Appends to a local file and flushes it to the disk (rows that survive a kill). Object
+  stores cannot append: callers write part files there (inference/prediction_csv.py)."""
+  if is_url(path):
+    raise ValueError(f"append_text: {path} is a URL; objects cannot be appended.")
+  makedirs(os.path.dirname(str(path)) or ".")
+  with open(path, "a", encoding="utf-8", newline="") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def remove(path) -> None:
+  """Deletes a file (local or URL); a missing file is no error."""
+  p = as_path(path)
+  if p.exists():
+    p.unlink()
+
+
 def primary_decides(value: bool) -> bool:
   """The primary process's `value` on every process: a decision several hosts must share
   (does this file exist yet?) is taken once, never on each host. Call it on every process."""
