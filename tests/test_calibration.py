@@ -158,8 +158,12 @@ def test_inspection_numbers_per_class_and_defect_type():
 def test_image_strips_pick_false_positives_misses_and_detections():
   scores = np.array([0.1, 0.9, 0.3, 0.2, 0.95, 0.25])
   labels = np.array([0, 0, 0, 1, 1, 1])
-  fp, missed, best = html_report.strip_choices(scores, labels, threshold=0.5, k=2).values()
-  assert (fp, missed, best) == ([1, 2], [3, 5], [4, 5])
+  strips = html_report.strip_choices(scores, labels, threshold=0.5, k=2)
+  fp, missed, best = strips.values()
+  assert (fp, missed, best) == ([1], [3, 5], [4, 5])  # 0.3 is a normal image below the threshold: not shown
+  assert list(strips)[0].startswith("false positives (normal images at or above the threshold")
+  assert html_report.strip_choices(scores, labels, threshold=0.99, k=2)["false positives (normal images at "
+                                                                        "or above the threshold, highest first)"] == []
 
 
 def test_bad_calibration_fields_are_one_line_errors(tmp_path):
