@@ -150,10 +150,10 @@ def evaluate(config, workdir, model, variables, records, *, step, mesh) -> dict:
 def _calibrate_only(config, workdir, map_fn, variables, calibration_records, mesh) -> dict:
   """A normal-only run (no test images): calibration.json from the calibration images, no
   metrics and no report. Returns {}."""
+  images_from = data_calibration.describe(config.data)
   if storage.is_primary():
     print("No test images (a normal-only run): evaluation skipped; the thresholds come from "
-          f"the calibration images ({data_calibration.describe(config.data)}).", flush=True)
-  images_from = data_calibration.describe(config.data)
+          f"the calibration images ({images_from}).", flush=True)
   calibrations, scores, maps = {}, [], []
   for name, records in sorted(calibration_records.items()):
     class_maps, class_scores, _ = score_records(config, map_fn, variables, records, mesh, desc=f"calibrate {name}")

@@ -34,8 +34,12 @@ def _color_range(maps: np.ndarray, threshold: float, scale=None) -> tuple[float,
 
 def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
   """(H, W, 3) uint8 image, (H, W) map -> (H, W, 3) uint8: half image, half jet heatmap."""
-  heat = CMAP(np.clip((amap - vmin) / (vmax - vmin), 0, 1))[..., :3]
-  return np.round(0.5 * image.astype(np.float64) + 127.5 * heat).astype(np.uint8)
+  # CMAP(x) picks colour int(x * N) (N - 1 at 1): the same lookup in float32, without the
+  # float64 RGBA array matplotlib builds (384 MB for a 4000x3000 map).
+  lut = np.asarray(CMAP(np.arange(CMAP.N))[:, :3], np.float32)  # (N, 3)
+  scaled = np.clip((np.asarray(amap, np.float32) - np.float32(vmin)) / np.float32(vmax - vmin), 0, 1)
+  heat = lut[np.minimum((scaled * CMAP.N).astype(np.int32), CMAP.N - 1)]  # (H, W, 3)
+  return np.round(np.float32(0.5) * image + np.float32(127.5) * heat).astype(np.uint8)
 
 
 def _safe(name: str) -> str:
