@@ -23,6 +23,7 @@ from dinomaly_jax.data import synthetic
 from dinomaly_jax.evaluation import calibration
 from dinomaly_jax.evaluation import evaluate
 from dinomaly_jax.inference import predict
+from dinomaly_jax.inference import prediction_csv
 from dinomaly_jax.training import model_state
 from tests import main_helpers
 
@@ -53,8 +54,9 @@ def main():
   eval_rate = len(records) / (time.perf_counter() - start)
   calibrations = calibration.load(workdir)  # the class calibrations the run wrote
   paths = [r.image_path for r in records]
-  _, predict_rate = predict.predict_paths(config, map_fn, variables, paths, calibrations,
-                                          os.path.join(tmp, "predictions"), mesh)
+  out = os.path.join(tmp, "predictions")
+  _, predict_rate = predict.predict_paths(config, map_fn, variables, list(zip(paths, predict.output_stems(paths))),
+                                          calibrations, out, mesh, prediction_csv.PredictionCsv(out, resume=False))
   print(f"{len(paths)} images of {args.image_size}x{args.image_size} px, ViT-S at {args.crop}, "
         f"batch {config.eval.batch_size}, {jax.device_count()} {jax.devices()[0].platform} device(s): "
         f"eval {eval_rate:.2f} images/s, predict {predict_rate:.2f} images/s (with heatmaps), "

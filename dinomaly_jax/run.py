@@ -58,6 +58,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def evaluate_workdir(config, workdir, step: int | None = None) -> dict:
   """Eval mode: restores the latest (or given) checkpoint of `workdir` and evaluates it."""
   records = data_index.build_records(config.data, "test")
+  evaluate.check_records(config, records)
   evaluate.check_inputs(config)
   mesh = sharding.make_mesh()
   model, state = model_state.load_trained(config, workdir, mesh, step)
@@ -85,10 +86,10 @@ def _per_class(config, workdir, fn) -> dict:
     c = copy.deepcopy(config)
     c.data.classes = (name,)
     result = fn(c, storage.join(workdir, name))
-    if storage.is_primary():
+    if storage.is_primary() and result:  # {} from a normal-only run
       per_class[name] = result["classes"][name]
       inspection[name] = result["inspection"][name]
-  if not storage.is_primary():
+  if not storage.is_primary() or not per_class:
     return {}
   out_dir = storage.join(workdir, "eval")
   result = report.write_report(out_dir, per_class, dataset=config.data.layout,

@@ -184,6 +184,25 @@ def write_text(path, text: str) -> None:
   write_bytes(path, text.encode())
 
 
+def append_text(path, text: str) -> None:
+  """Appends to a local file and flushes it to the disk (rows that survive a kill). Object
+  stores cannot append: callers write part files there (inference/prediction_csv.py)."""
+  if is_url(path):
+    raise ValueError(f"append_text: {path} is a URL; objects cannot be appended.")
+  makedirs(os.path.dirname(str(path)) or ".")
+  with open(path, "a", encoding="utf-8", newline="") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def remove(path) -> None:
+  """Deletes a file (local or URL); a missing file is no error."""
+  p = as_path(path)
+  if p.exists():
+    p.unlink()
+
+
 def _coordination_client():
   """jax.distributed's client, or None in a single-process job."""
   return jax_distributed.global_state.client if jax.process_count() > 1 else None

@@ -1,6 +1,7 @@
 """Calibration from normal images: the split, thresholds, normalisation, inspection numbers."""
 import importlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import sys
 from matplotlib import image as mpl_image
 import numpy as np
 import pytest
+from scipy import stats
 
 from dinomaly_jax.config import saved as saved_config
 from dinomaly_jax.data import calibration as data_calibration
@@ -80,6 +82,52 @@ def test_threshold_at_the_target_fpr_and_normalisation():
                                                                     calibration.FROM_TEST_LABELS)
 
 
+@pytest.mark.parametrize("target", [0.01, 0.05])
+def test_the_conformal_threshold_keeps_its_false_positive_promise(target):
+  """Over 20,000 simulated calibration sets per N, the FPR of the rule (exact: normal scores,
+  FPR = P(score >= threshold)) averages (N + 1 - k) / (N + 1) to within 4 standard errors
+  (<= 0.0035), which is <= target once N >= 1/target - 1; one set's FPR exceeds its 95% bound
+  in 5% +- 0.62% (4 standard errors) of the sets. The old quantile rule breaks the promise."""
+  rng = np.random.default_rng(23)
+  trials = 20_000
+  for n in (6, 20, 40, 99, 100, 250):
+    draws = rng.normal(1.0, 0.1, (trials, n))
+    cal = calibration.calibrate(draws[0], np.zeros((n, 2, 2)), target)
+    thresholds = np.array([calibration.conformal_threshold(row, target)[0] for row in draws])
+    fpr = stats.norm.sf(thresholds, 1.0, 0.1)  # (trials,) each set's exact FPR
+    k = min(math.ceil((n + 1) * (1 - target) - 1e-9), n)
+    assert cal.rank == k and cal.expected_fpr == pytest.approx((n + 1 - k) / (n + 1))
+    standard_error = stats.beta.std(n + 1 - k, k) / math.sqrt(trials)
+    assert abs(fpr.mean() - cal.expected_fpr) < 4 * standard_error, (n, fpr.mean(), cal.expected_fpr)
+    assert cal.meets_target == (n >= calibration.images_needed(target))
+    if cal.meets_target:
+      assert fpr.mean() < target + 4 * standard_error
+    assert abs(np.mean(fpr > cal.fpr_upper_95) - 0.05) < 4 * math.sqrt(0.05 * 0.95 / trials), n
+  assert calibration.images_needed(target) == round(1 / target) - 1  # 99 images for 1%, 19 for 5%
+  old = stats.norm.sf(np.quantile(rng.normal(1.0, 0.1, (trials, 20)), 1 - 0.01, axis=1), 1.0, 0.1)
+  assert old.mean() > 0.04  # the linear-interpolation quantile of 20 images flagged ~5.6%, not 1%
+
+
+def test_too_few_calibration_images_say_how_many_would_do():
+  cal = calibration.calibrate([0.3, 0.1, 0.2, 0.5, 0.4, 0.6], np.zeros((6, 2, 2)), 0.01)
+  assert (cal.threshold, cal.rank, cal.meets_target) == (0.6, 6, False)  # the highest score
+  assert cal.expected_fpr == pytest.approx(1 / 7)
+  assert calibration.shortfall_warning("nut", cal) == (
+      "WARNING: nut: 6 calibration images cannot promise FPR 1%; the threshold is their highest "
+      "score (expected FPR 14%); 99 normal images would do.")
+  enough = calibration.calibrate(np.arange(99.0), np.zeros((99, 2, 2)), 0.01)
+  assert (enough.threshold, enough.expected_fpr, calibration.shortfall_warning("nut", enough)) == (98.0, 0.01, None)
+
+
+def test_calibration_files_written_before_the_guarantee_still_load(tmp_path):
+  (tmp_path / calibration.CALIBRATION_FILE).write_text(json.dumps({"nut": {
+      "threshold": 0.5, "center": 0.3, "map_low": 0.1, "source": calibration.FROM_CALIBRATION,
+      "num_images": 6, "target_fpr": 0.01}}))
+  old = calibration.load(str(tmp_path))["nut"]
+  assert old.threshold == 0.5 and np.isnan(old.expected_fpr) and old.rank == 0
+  assert calibration.guarantee_text(old).startswith("no FPR guarantee")
+
+
 def test_calibration_file_round_trips(tmp_path):
   cals = {"a": calibration.calibrate([1.0, 2.0, 3.0], np.ones((3, 2, 2)), 0.05),
           calibration.POOLED: calibration.from_test_labels([1.0, 2.0], [0, 1], np.ones((2, 2, 2)), 2.0)}
@@ -110,8 +158,12 @@ def test_inspection_numbers_per_class_and_defect_type():
 def test_image_strips_pick_false_positives_misses_and_detections():
   scores = np.array([0.1, 0.9, 0.3, 0.2, 0.95, 0.25])
   labels = np.array([0, 0, 0, 1, 1, 1])
-  fp, missed, best = html_report.strip_choices(scores, labels, threshold=0.5, k=2).values()
-  assert (fp, missed, best) == ([1, 2], [3, 5], [4, 5])
+  strips = html_report.strip_choices(scores, labels, threshold=0.5, k=2)
+  fp, missed, best = strips.values()
+  assert (fp, missed, best) == ([1], [3, 5], [4, 5])  # 0.3 is a normal image below the threshold: not shown
+  assert list(strips)[0].startswith("false positives (normal images at or above the threshold")
+  assert html_report.strip_choices(scores, labels, threshold=0.99, k=2)["false positives (normal images at "
+                                                                        "or above the threshold, highest first)"] == []
 
 
 def test_bad_calibration_fields_are_one_line_errors(tmp_path):
@@ -153,3 +205,14 @@ def test_workdirs_saved_before_calibration_resume_and_may_calibrate_later(tmp_pa
   config.data.calibration.fraction = 0.2  # a different training set is not
   with pytest.raises(IncompatibleWorkdirError, match="config.data.calibration.fraction: saved 0.0, now 0.2"):
     saved_config.check_compatible(str(tmp_path), config)
+
+
+def test_file_names_with_dollar_signs_are_text_not_mathtext(tmp_path):
+  """A name such as "lot $5 $x^{" (unbalanced mathtext) used to crash evaluation after scoring."""
+  image = np.zeros((8, 8, 3), np.uint8)
+  names = ["lot $x^{$ b.png", "a_$\\frac$.png"]
+  paths = pictures.save_strips(str(tmp_path), "nut$", np.stack([image] * 2), np.zeros((2, 8, 8)),
+                               np.zeros((2, 8, 8), np.float32), 0.5, names)
+  assert len(paths) == 2 and all(os.path.getsize(p) for p in paths)
+  fig = pictures.score_figure("nut $x^{", np.array([0.1, 0.9]), np.array([0, 1]), {"t": 0.5})
+  pictures._save(fig, str(tmp_path / "scores.png"))

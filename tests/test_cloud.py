@@ -86,6 +86,11 @@ def test_train_resume_predict_export_with_the_workdir_on_gcs(gcs, tmp_path):
   assert all(r["class"] == "nut" and epath.Path(r["heatmap"]).exists() for r in rows)
   nut = calibration.load(workdir)["nut"]  # read back from gs://
   assert all(float(r["threshold"]) == nut.threshold for r in rows)
+  assert "predictions.csv.parts" not in _names(f"{workdir}/predictions")  # the part files joined, removed
+  again = _finish(_start(_main(root, workdir, "--mode=predict", f"--config.predict.input={RUN}/new/*/*.png"),
+                         gcs, cache))
+  assert "Resuming: 2 of 2 images already have a row" in again  # read back from gs://
+  assert len(list(csv.DictReader(io.StringIO(epath.Path(f"{workdir}/predictions/predictions.csv").read_text())))) == 2
   _finish(_start(_main(root, workdir, "--mode=export"), gcs, cache))
   fn, info = exported_model.load(f"{workdir}/export")
   image = transforms.preprocess_image(transforms.load_image(rows[0]["image"]), main_helpers.tiny_config(root).data)

@@ -101,7 +101,50 @@ def test_grayscale_rgba_palette_and_16bit_convert(tmp_path):
   Image.fromarray(sixteen).save(tmp_path / "i16.png")
   loaded = transforms.load_image(str(tmp_path / "i16.png"))
   assert loaded.dtype == np.uint8 and loaded.shape == (20, 30, 3)
-  np.testing.assert_array_equal(loaded[..., 0], (sixteen >> 8).astype(np.uint8))
+  np.testing.assert_array_equal(loaded[..., 0], np.round(sixteen * (255 / 65535)).astype(np.uint8))
+
+
+def _png_with_sbit(path, values, bits):
+  """A 16-bit grayscale PNG carrying an sBIT chunk (significant bits) before its data."""
+  import struct
+  import zlib
+  Image.fromarray(values).save(path)
+  data = open(path, "rb").read()
+  at = data.index(b"IDAT") - 4  # the IDAT chunk's length field
+  body = b"sBIT" + bytes([bits])
+  chunk = struct.pack(">I", 1) + body + struct.pack(">I", zlib.crc32(body))
+  open(path, "wb").write(data[:at] + chunk + data[at:])
+
+
+def test_sixteen_bit_images_keep_their_real_bit_depth(tmp_path, capsys):
+  twelve = np.arange(4096, dtype=np.uint16).reshape(64, 64)  # every 12-bit level once
+  expected = np.round(twelve * (255 / 4095)).astype(np.uint8)
+  _png_with_sbit(tmp_path / "sbit.png", twelve, 12)  # the file says 12 bits
+  loaded = transforms.load_image(str(tmp_path / "sbit.png"))[..., 0]
+  np.testing.assert_array_equal(loaded, expected)
+  assert len(np.unique(loaded)) == 256  # was 16 grey levels when the top 8 of 16 bits were kept
+  Image.fromarray(twelve).save(tmp_path / "plain.png")  # no sBIT: a configured depth
+  config = defaults.base_config().data
+  config.bit_depth = 12
+  np.testing.assert_array_equal(transforms.load_image(str(tmp_path / "plain.png"), config)[..., 0], expected)
+  transforms._WARNED_DEPTH.clear()
+  as_sixteen = transforms.load_image(str(tmp_path / "plain.png"))[..., 0]  # unknown: 16 bits, and a warning
+  assert as_sixteen.max() == round(4095 * 255 / 65535)
+  assert "Set config.data.bit_depth (e.g. 12)" in capsys.readouterr().err
+
+
+def test_very_large_images_are_allowed_by_a_config_field(tmp_path):
+  Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "big.png")
+  config = defaults.base_config().data
+  config.max_image_pixels = 100  # 1,600 pixels is over twice the limit: PIL refuses
+  try:
+    with pytest.raises(transforms.DataError, match="set config.data.max_image_pixels"):
+      transforms.load_image(str(tmp_path / "big.png"), config)
+    config.max_image_pixels = -1
+    assert transforms.load_image(str(tmp_path / "big.png"), config).shape == (40, 40, 3)
+  finally:
+    transforms.load_image(str(tmp_path / "big.png"))  # PIL's default limit back
+  assert Image.MAX_IMAGE_PIXELS == transforms._PIL_DEFAULT_MAX_PIXELS
 
 
 def test_display_image_is_the_cropped_view(data_config):

@@ -222,9 +222,17 @@ def test_demo_command_line(tmp_path):
   assert "RANDOM encoder" in open(tmp_path / "eval" / "report.md").read()
   assert os.path.exists(tmp_path / "eval" / "pictures" / "pill" / "scores.png")
   # Calibrated on held-out normal images: the thresholds, the normalisation and the HTML report.
-  assert "pill: threshold" in proc.stdout and "(calibration images)" in proc.stdout
+  assert "pill: threshold" in proc.stdout and "(calibration images; expected FPR" in proc.stdout
   assert report["extra"]["calibration"] == "0.2 of train/good held out"
-  assert calibration.load(str(tmp_path))["pill"].num_images == 6
+  pill = calibration.load(str(tmp_path))["pill"]
+  assert pill.num_images == 6 and pill.expected_fpr == pytest.approx(1 / 7) and not pill.meets_target
+  # 6 images cannot promise the 1% target: the demo says so, on the console and in the reports.
+  warning = ("WARNING: pill: 6 calibration images cannot promise FPR 1%; the threshold is their "
+             "highest score (expected FPR 14%); 99 normal images would do.")
+  assert warning in proc.stdout.splitlines()
+  assert "expected FPR 14% (target 1%), 95% upper bound 39%, from 6 normal images" in proc.stdout
+  assert warning in open(tmp_path / "eval" / "report.md").read()
+  assert report["inspection"]["pill"]["fpr_upper_95"] == pytest.approx(pill.fpr_upper_95)
   assert os.path.getsize(tmp_path / "eval" / "report.html") > 0
 
 

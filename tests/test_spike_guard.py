@@ -44,6 +44,12 @@ def test_rollbacks_are_recorded_and_limited(tmp_path):
     guard.record(spike, last_good=5, done=8)
   again = _guard(tmp_path, spike_max_rollbacks=2, spike_lr_factor=0.5)  # a resumed run reads them
   assert (again.lr_scale, again.data_offset, len(again.events)) == (0.25, 4, 2)
+  # spike_lr_factor may change between runs: the recorded events keep the scale they reached
+  # (0.1 ** 2 = 0.01 when recomputed from the new factor); the new factor applies to new rollbacks.
+  changed = _guard(tmp_path, spike_max_rollbacks=3, spike_lr_factor=0.1)
+  assert changed.lr_scale == 0.25
+  assert changed.record(spike, last_good=5, done=6)["lr_scale"] == pytest.approx(0.025)
+  assert _guard(tmp_path, spike_lr_factor=0.5).lr_scale == pytest.approx(0.025)
   with pytest.raises(NonFiniteLossError, match="nan at step 7.*training stopped"):
     _guard(tmp_path / "other", spike_policy="stop").record(spike, last_good=0, done=8)
 

@@ -67,6 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
   d.packed = ""  # a TFDS array_record directory from `python -m dinomaly_jax.data.pack`
   d.cache_features = False  # deviation switch: train on cached encoder features
   d.cache_dtype = "bfloat16"  # cached features: bfloat16 (half memory) | float32 (exact)
+  d.bit_depth = 0  # bits 16-bit grayscale images use (e.g. 12); 0 = from the file (PNG sBIT, TIFF MaxSampleValue), else 16
+  d.max_image_pixels = 0  # PIL's decompression-bomb limit: 0 = PIL's default (~89M pixels), -1 = no limit
   # Calibration split: normal images (never trained on) that set the decision thresholds
   # and the score normalisation. Off (the protocol trains on all of train/good).
   d.calibration = cal = ml_collections.ConfigDict()
@@ -114,7 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.aupro_max_fpr = 0.3
   e.aupro_thresholds = 200
   e.pictures_per_class = 4  # also the images per strip of report.html
-  e.target_fpr = 0.01  # calibrated thresholds: this fraction of normal calibration images above
+  e.target_fpr = 0.01  # promised false-positive rate of the calibrated thresholds (conformal; needs >= 1/target - 1 images)
 
   # --- Prediction ------------------------------------------------------------------
   c.predict = p = ml_collections.ConfigDict()
@@ -122,6 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
   p.output = ""  # default: <workdir>/predictions
   p.save_maps = False  # also write each full-resolution anomaly map as <stem>_map.npy (float32)
   p.class_name = ""  # threshold of this class; default: a class named in the path, else pooled
+  p.classes_csv = ""  # a CSV of path,class rows naming each image's class (before the path rule)
+  p.heatmaps = True  # write a heatmap PNG per image (False: scores and the CSV only, faster)
+  p.resume = True  # skip images that already have a row in the output's predictions.csv
 
   # --- Export ----------------------------------------------------------------------
   c.export = x = ml_collections.ConfigDict()

@@ -24,6 +24,7 @@ SCHEMA_KEY = "schema_version"
 # Fields that may differ between the run that wrote a work directory and one that
 # continues it: they change neither the parameters' shapes nor the trajectory.
 _FREE_FIELDS = ("mode", "encoder_weights", "model.attention_impl", "data.root", "data.workers", "data.packed",
+                "data.max_image_pixels",
                 "data.calibration.folder",
                 "train.log_every", "train.eval_every", "train.checkpoint_every",
                 "train.keep_checkpoints", "train.stop_after", "train.spike_policy", "train.spike_factor",

@@ -71,10 +71,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(d.resize >= d.crop, "data.resize", f">= data.crop ({d.crop})", d.resize)
   _positive_int(c, "data.mask_size")
   _check(is_int(d.workers) and d.workers >= 0, "data.workers", "an integer >= 0", d.workers)
+  _check(is_int(d.bit_depth) and (d.bit_depth == 0 or 8 <= d.bit_depth <= 16), "data.bit_depth",
+         "0 (from the file) or an integer in [8, 16]", d.bit_depth)
+  _check(is_int(d.max_image_pixels) and d.max_image_pixels >= -1, "data.max_image_pixels",
+         "0 (PIL's default), -1 (no limit) or a number of pixels", d.max_image_pixels)
   _in_range(c, "data.calibration.fraction", 0.0, 0.9)
   _check(isinstance(d.calibration.folder, str), "data.calibration.folder", "a folder path", d.calibration.folder)
-  _check(not (d.calibration.folder and d.calibration.fraction), "data.calibration.folder",
-         "empty when data.calibration.fraction > 0 (one calibration source)", d.calibration.folder)
+  _check(not (d.calibration.folder and d.calibration.fraction) or c.mode == "eval", "data.calibration.folder",
+         "empty when training with data.calibration.fraction > 0 (one calibration source; a trained run "
+         "is recalibrated from a folder with --mode=eval)", d.calibration.folder)
   _check(not (d.calibration.folder and d.packed), "data.calibration.folder",
          "empty with data.packed (use data.calibration.fraction)", d.calibration.folder)
 

@@ -4,7 +4,9 @@ Two sources (config.data.calibration): `fraction` holds that share of each class
 training images out of training (a fixed choice per class and set of files, independent
 of the seed and of the file order), or `folder` names normal images of your own, `<folder>/<class>/*.png`
 (for a single-class folder dataset the images may sit in `<folder>` itself).
-Both off: no calibration split (the protocol trains on all of train/good).
+Both off: no calibration split (the protocol trains on all of train/good). A run trained
+with `fraction` may be recalibrated later from a `folder` (--mode=eval): the folder's images
+then replace the held-out ones as the calibration split (training still excludes those).
 """
 import zlib
 
@@ -25,6 +27,8 @@ def enabled(data_config) -> bool:
 def describe(data_config) -> str:
   """The calibration source in words (for reports)."""
   c = data_config.calibration
+  if c.folder and c.fraction > 0:  # a run trained with a held-out split, recalibrated later
+    return f"folder {c.folder} (replaces the {c.fraction:g} of train/good held out)"
   if c.folder:
     return f"folder {c.folder}"
   return f"{c.fraction:g} of train/good held out" if c.fraction > 0 else "off"

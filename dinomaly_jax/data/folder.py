@@ -6,7 +6,8 @@
   <root>/<class>/ground_truth/<defect>/<stem>_mask.png   optional; if the folder of a
                                        defect exists, every image of it needs its mask
 
-`root` may also be a single class folder itself (holding train/ and test/).
+`root` may also be a single class folder itself (holding train/ and test/). Without test/
+folders the run is normal-only (train and calibrate, no evaluation).
 Defective images without masks have mask_path None: their ground truth is all zero, so
 pixel metrics of such a class say nothing.
 """

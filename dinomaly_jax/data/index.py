@@ -65,9 +65,20 @@ def build_records(data_config, split: str) -> list[Record]:
     records = [r for c in classes for r in layout.class_records(data_config.root, c, source)]
     validate.check_records(records)
   if split == "test":
+    _check_all_or_none_tested(data_config, classes, records)
     return records
   train, held_out = calibration.split_train(records, data_config.calibration.fraction)
   return train if split == "train" else held_out
+
+
+def _check_all_or_none_tested(data_config, classes, records) -> None:
+  """Every class has test images, or none has (a normal-only run)."""
+  tested = {r.class_name for r in records}
+  untested = [c for c in classes if c not in tested]
+  if tested and untested:
+    where = data_config.packed or data_config.root
+    raise DataError(f"{where}: class(es) {untested} have no test images while {sorted(tested)} "
+                    "have; give every class a test folder, or none (a normal-only run).")
 
 
 _WARNED = set()  # roots whose ignored files were reported (once per process)

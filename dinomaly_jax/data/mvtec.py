@@ -5,6 +5,7 @@
   <root>/<class>/ground_truth/<defect>/<stem>_mask.png   (or <stem>.png, as VisA and BTAD)
 
 Images and masks are paired by file name (the reference pairs them by sorted order).
+A class without a test/ folder is normal-only: no test records (train and calibrate only).
 "good" and BTAD's "ok" name the normal folders.
 """
 import os
@@ -125,8 +126,7 @@ def class_records(root: str, class_name: str, split: str, *,
                       f"expected files ending in {', '.join(IMAGE_EXTENSIONS)}.")
     return [Record(p, class_name, 0, GOOD, None) for p in images]
   if not storage.isdir(split_dir):
-    raise DataError(f"{split_dir}: test folder not found; expected test/good and "
-                    "test/<defect type> folders.")
+    return []  # a normal-only class (no test folder): calibration, no evaluation
   records = []
   defects = [d for d in _subdirs(split_dir) if d not in NORMAL_DIRS]
   if normal is not None:

@@ -33,15 +33,17 @@ IN_PROCESS_THREADS = min(16, os.cpu_count() or 1)  # ... without worker processe
 class FolderReader:
   """Reads records from their image files: (resize, resize) uint8 images and masks."""
 
-  def __init__(self, records: list[Record], sizes: transforms.Sizes):
+  def __init__(self, records: list[Record], sizes: transforms.Sizes,
+               decoding: transforms.Decoding = transforms.Decoding()):
     self._paths = [(r.image_path, r.mask_path) for r in records]
     self._resize = sizes.resize
+    self._decoding = decoding
 
   def image(self, i: int) -> np.ndarray:  # (R, R, 3) uint8
-    return transforms.resize_image(transforms.load_image(self._paths[i][0]), self._resize)
+    return transforms.resize_image(transforms.load_image(self._paths[i][0], self._decoding), self._resize)
 
   def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:  # (R, R, 3), (R, R) uint8
-    return transforms.load_resized(*self._paths[i], self._resize)
+    return transforms.load_resized(*self._paths[i], self._resize, self._decoding)
 
 
 def make_reader(records: list[Record], data_config):
@@ -49,7 +51,7 @@ def make_reader(records: list[Record], data_config):
   sizes = transforms.Sizes.of(data_config)
   if data_config.packed:
     return packed.PackedReader(data_config.packed, records, sizes)
-  return FolderReader(records, sizes)
+  return FolderReader(records, sizes, transforms.Decoding.of(data_config))
 
 
 class _TrainBatch:

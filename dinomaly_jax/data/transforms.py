@@ -15,6 +15,8 @@ ratio kept), as in the reference.
 """
 import dataclasses
 import io
+import struct
+import sys
 
 import numpy as np
 from PIL import Image
@@ -39,27 +41,103 @@ class Sizes:
     return cls(int(data_config.resize), int(data_config.crop), int(data_config.mask_size))
 
 
-def open_image(path: str) -> Image.Image:
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+  """How files are decoded (a small picklable copy of data_config's fields for workers).
+
+  bit_depth: the bits a 16-bit grayscale image really uses (0 = from the file: a PNG's sBIT
+    chunk or a TIFF's MaxSampleValue, else 16); values are scaled by 255 / (2^bits - 1).
+  max_image_pixels: PIL's decompression-bomb limit (0 = PIL's default, about 89 million
+    pixels, refused above twice that; -1 = no limit).
+  """
+  bit_depth: int = 0
+  max_image_pixels: int = 0
+
+  @classmethod
+  def of(cls, data_config) -> "Decoding":
+    if data_config is None:
+      return cls()
+    return cls(int(data_config.get("bit_depth", 0)), int(data_config.get("max_image_pixels", 0)))
+
+
+_PIL_DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+def _set_pixel_limit(decoding: Decoding) -> None:
+  limit = decoding.max_image_pixels
+  Image.MAX_IMAGE_PIXELS = _PIL_DEFAULT_MAX_PIXELS if limit == 0 else (None if limit < 0 else limit)
+
+
+def open_image(path: str, decoding: Decoding = Decoding()) -> Image.Image:
   """Opens an image file lazily (header only); DataError if it is not an image."""
+  _set_pixel_limit(decoding)
   try:
     if storage.is_url(path):
       return Image.open(io.BytesIO(storage.read_bytes(path)))
     return Image.open(path)
   except FileNotFoundError:
     raise DataError(f"{path}: file not found.") from None
-  except (OSError, ValueError, Image.DecompressionBombError) as e:
+  except Image.DecompressionBombError as e:
+    raise DataError(f"{path}: cannot be read as an image ({e}); to allow images this large set "
+                    "config.data.max_image_pixels (-1 = no limit).") from None
+  except (OSError, ValueError) as e:
     raise DataError(f"{path}: cannot be read as an image ({e}).") from None
 
 
-def to_rgb(img: Image.Image) -> np.ndarray:
+def _png_sbit(data: bytes) -> int | None:
+  """The significant bits of a grayscale PNG's sBIT chunk (None without one)."""
+  pos = 8
+  while pos + 8 <= len(data):
+    length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+    if kind == b"sBIT" and length >= 1:
+      return data[pos + 8]
+    if kind in (b"IDAT", b"IEND"):
+      return None
+    pos += 12 + length
+  return None
+
+
+def significant_bits(img: Image.Image, path: str) -> int:
+  """The bits a 16-bit image uses, from its file: PNG sBIT, TIFF MaxSampleValue, else 16."""
+  if img.format == "PNG":
+    bits = _png_sbit(storage.read_bytes(path)[:1 << 16])
+    return bits if bits and 1 <= bits <= 16 else 16
+  if img.format == "TIFF":
+    max_value = img.tag_v2.get(281)  # MaxSampleValue
+    if isinstance(max_value, tuple):
+      max_value = max(max_value)
+    if max_value:
+      return max(1, min(16, int(max_value).bit_length()))
+  return 16
+
+
+_WARNED_DEPTH = []  # once per process
+
+
+def _scale_sixteen_bit(values: np.ndarray, bits: int, path: str, from_file: bool) -> np.ndarray:
+  """Grey values of `bits` bits -> uint8, 255 = 2^bits - 1 (rounded; values above clip)."""
+  top = float((1 << bits) - 1)
+  if from_file and bits == 16 and values.max(initial=0) < 4096 and not _WARNED_DEPTH:
+    _WARNED_DEPTH.append(path)
+    print(f"warning: {path}: a 16-bit image whose values stay below 4096 (10- or 12-bit camera "
+          "data?); it is scaled as 16-bit. Set config.data.bit_depth (e.g. 12) to use its real range.",
+          file=sys.stderr, flush=True)
+  return np.round(np.clip(values, 0, top) * (255.0 / top)).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image, decoding: Decoding = Decoding(), path: str = "") -> np.ndarray:
   """PIL image of any mode -> RGB uint8 (H, W, 3).
 
-  16-bit grayscale keeps its 8 most significant bits (PIL itself reads 16-bit RGB PNGs
-  that way); every other mode goes through PIL's `convert("RGB")` like the reference
-  (palette colours looked up, alpha dropped, grayscale replicated).
+  16-bit grayscale is scaled by its real bit depth (Decoding.bit_depth, else the file's
+  sBIT / MaxSampleValue, else 16 bits): 255 is 2^bits - 1, so a 12-bit image keeps 256 grey
+  levels. Every other mode goes through PIL's `convert("RGB")` like the reference
+  (palette colours looked up, alpha dropped, grayscale replicated; PIL reads 16-bit RGB
+  PNGs as 8-bit).
   """
   if img.mode in _SIXTEEN_BIT_MODES:
-    gray = (np.clip(np.asarray(img, np.int64), 0, 65535) >> 8).astype(np.uint8)
+    from_file = not decoding.bit_depth
+    bits = decoding.bit_depth or (significant_bits(img, path) if path else 16)
+    gray = _scale_sixteen_bit(np.asarray(img, np.int64), bits, path, from_file)
     return np.repeat(gray[..., None], 3, axis=-1)
   if img.mode == "F":
     raise DataError(f"{img.filename}: floating-point images are not supported; "
@@ -67,12 +145,15 @@ def to_rgb(img: Image.Image) -> np.ndarray:
   return np.asarray(img.convert("RGB"))
 
 
-def load_image(path: str) -> np.ndarray:
-  """Decodes an image file to RGB uint8 (H, W, 3); DataError naming the file on failure."""
-  img = open_image(path)
+def load_image(path: str, data_config=None) -> np.ndarray:
+  """Decodes an image file to RGB uint8 (H, W, 3); DataError naming the file on failure.
+
+  data_config (or a Decoding): the bit depth of 16-bit images and the pixel limit."""
+  decoding = data_config if isinstance(data_config, Decoding) else Decoding.of(data_config)
+  img = open_image(path, decoding)
   try:
     with img:
-      return to_rgb(img)
+      return to_rgb(img, decoding, path)
   except (OSError, ValueError, SyntaxError) as e:
     raise DataError(f"{path}: image is truncated or corrupt ({e}).") from None
 
@@ -144,9 +225,9 @@ def resize_mask(path: str, image_size: tuple[int, int], resize: int) -> np.ndarr
   return positive.astype(np.uint8) + half.astype(np.uint8)
 
 
-def load_resized(image_path: str, mask_path: str | None, resize: int):
+def load_resized(image_path: str, mask_path: str | None, resize: int, decoding: Decoding = Decoding()):
   """An image and its mask (None = all zero) resized: uint8 (R, R, 3) and (R, R) mask levels."""
-  rgb = load_image(image_path)
+  rgb = load_image(image_path, decoding)
   if mask_path is None:
     mask = np.zeros((resize, resize), np.uint8)
   else:

@@ -24,6 +24,7 @@ from dinomaly_jax.evaluation import inspection as inspection_lib
 from dinomaly_jax.evaluation import metrics
 from dinomaly_jax.evaluation import pictures
 from dinomaly_jax.evaluation import report
+from dinomaly_jax.errors import DataError
 
 THRESHOLDS_FILE = "thresholds.json"
 
@@ -52,6 +53,14 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
   over the processes and their local devices."""
   sharding.check_batch("eval.batch_size", config.eval.batch_size, jax.process_count(),
                        jax.local_device_count())
+
+
+def check_records(config: ml_collections.ConfigDict, test_records) -> None:
+  """A run without test images (normal-only) needs calibration images for its thresholds."""
+  if not test_records and not data_calibration.enabled(config.data):
+    raise DataError(f"{config.data.packed or config.data.root}: no test images (a normal-only run) and "
+                    "no calibration split: set config.data.calibration.fraction (e.g. 0.2) or "
+                    "config.data.calibration.folder, so that the thresholds come from normal images.")
 
 
 def score_records(config, map_fn, variables, records, mesh, desc="eval"):
@@ -131,13 +140,15 @@ def evaluate(config, workdir, model, variables, records, *, step, mesh) -> dict:
   variables = sharding.to_local(variables, here)
   map_fn = make_map_fn(model, config)
   calibration_records = _by_class(data_index.build_records(config.data, "calibration"))
+  if not records:
+    return _calibrate_only(config, workdir, map_fn, variables, calibration_records, here)
   out_dir = storage.join(workdir, "eval")
   mine = {}
   for i, (name, class_records) in enumerate(sorted(_by_class(records).items())):
     if i % jax.process_count() != jax.process_index():
       continue  # another host's class
     scored = _score_class(config, map_fn, variables, class_records, calibration_records.get(name), here)
-    outcome = _analyse_class(config.eval, scored)
+    outcome = _analyse_class(config.eval, scored, data_calibration.describe(config.data))
     with storage.captured_writes() as files:
       view = _draw_class(config, out_dir, name, scored, outcome)
     mine[name] = _ClassResult(outcome, _Pooled.share(scored), view, files)
@@ -152,6 +163,33 @@ def evaluate(config, workdir, model, variables, records, *, step, mesh) -> dict:
                         pooled, [results[n].view for n in sorted(results)])
 
 
+def _calibrate_only(config, workdir, map_fn, variables, calibration_records, mesh) -> dict:
+  """A normal-only run (no test images): calibration.json from the calibration images, no
+  metrics and no report. Returns {}."""
+  images_from = data_calibration.describe(config.data)
+  if storage.is_primary():
+    print("No test images (a normal-only run): evaluation skipped; the thresholds come from "
+          f"the calibration images ({images_from}).", flush=True)
+  calibrations, scores, maps = {}, [], []
+  for name, records in sorted(calibration_records.items()):
+    class_maps, class_scores, _ = score_records(config, map_fn, variables, records, mesh, desc=f"calibrate {name}")
+    calibrations[name] = calibration.calibrate(class_scores, class_maps, config.eval.target_fpr, images_from)
+    scores.append(class_scores)
+    maps.append(class_maps[:, ::8, ::8])
+  if not storage.is_primary():
+    return {}
+  calibrations[calibration.POOLED] = calibration.calibrate(
+      np.concatenate(scores), np.concatenate(maps), config.eval.target_fpr, images_from)
+  path = calibration.save(workdir, calibrations)
+  for name, cal in calibrations.items():
+    print(f"{name}: threshold {cal.threshold:.4g} ({calibration.guarantee_text(cal)})")
+  for name, cal in calibrations.items():
+    if calibration.shortfall_warning(name, cal):
+      print(calibration.shortfall_warning(name, cal))
+  print(f"Thresholds and normalisation: {path}", flush=True)
+  return {}
+
+
 def _score_class(config, map_fn, variables, class_records, calibration_records, mesh) -> ClassScores:
   """Maps and scores of a class's test images and of its calibration images, if any."""
   name = class_records[0].class_name
@@ -164,7 +202,7 @@ def _score_class(config, map_fn, variables, class_records, calibration_records, 
   return ClassScores(class_records, maps, scores, masks, labels, cal_maps, cal_scores)
 
 
-def _analyse_class(eval_config, s: ClassScores) -> ClassOutcome:
+def _analyse_class(eval_config, s: ClassScores, images_from: str = "") -> ClassOutcome:
   """Metrics, the F1-optimal threshold, the calibration and the inspection figures of a class."""
   pixel_args = dict(aupro=eval_config.aupro, aupro_max_fpr=eval_config.aupro_max_fpr,
                     aupro_thresholds=eval_config.aupro_thresholds)
@@ -172,7 +210,7 @@ def _analyse_class(eval_config, s: ClassScores) -> ClassOutcome:
                                               **pixel_args)
   half = metrics.class_metrics(s.scores, s.labels, s.maps, s.masks >= transforms.MASK_HALF, **pixel_args)
   if s.calibration_scores is not None:
-    cal = calibration.calibrate(s.calibration_scores, s.calibration_maps, eval_config.target_fpr)
+    cal = calibration.calibrate(s.calibration_scores, s.calibration_maps, eval_config.target_fpr, images_from)
   else:
     cal = calibration.from_test_labels(s.scores, s.labels, s.maps, best["image"])
   inspection = inspection_lib.class_results(
@@ -209,11 +247,11 @@ class _Pooled:
   def f1_threshold(self) -> float:
     return float(metrics.image_f1_threshold(np.concatenate(self.scores), np.concatenate(self.labels)))
 
-  def calibration(self, target_fpr: float) -> calibration.ClassCalibration:
+  def calibration(self, target_fpr: float, images_from: str = "") -> calibration.ClassCalibration:
     """From every class's calibration images if every class has them, else the test labels."""
     if len(self.calibration_scores) == self.classes:
       return calibration.calibrate(np.concatenate(self.calibration_scores),
-                                   np.concatenate(self.calibration_maps), target_fpr)
+                                   np.concatenate(self.calibration_maps), target_fpr, images_from)
     return calibration.from_test_labels(np.concatenate(self.scores), np.concatenate(self.labels),
                                         np.concatenate(self.test_maps), self.f1_threshold())
 
@@ -243,7 +281,7 @@ def _write_results(config, workdir, out_dir, step, outcomes, pooled: _Pooled, vi
   thresholds = {name: o.f1_threshold for name, o in outcomes.items()}
   thresholds[calibration.POOLED] = pooled.f1_threshold()
   calibrations = {name: o.calibration for name, o in outcomes.items()}
-  calibrations[calibration.POOLED] = pooled.calibration(e.target_fpr)
+  calibrations[calibration.POOLED] = pooled.calibration(e.target_fpr, data_calibration.describe(config.data))
   thresholds_file = storage.join(workdir, THRESHOLDS_FILE)
   storage.write_shared(thresholds_file, json.dumps(thresholds, indent=2))
   calibration_file = calibration.save(workdir, calibrations)

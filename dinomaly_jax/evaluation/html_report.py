@@ -3,8 +3,8 @@
 Sections: the metric table against the published numbers; the decisions at the
 calibrated threshold, per defect type, and the pixel metrics under both mask
 conventions (inspection.py); per class the score histogram with the thresholds drawn
-and the ROC and PR curves, then three image strips: the worst false positives (normal
-test images with the highest scores), the missed defects (defective images below the
+and the ROC and PR curves, then three image strips: the false positives (normal test
+images at or above the threshold, highest first; only real ones), the missed defects (defective images below the
 threshold, lowest first) and the best detections. Each image shows the input with the
 ground truth outlined in green, and the heatmap on the class's fixed colour scale with
 the region at or above the threshold outlined in white. Images are base64 PNG / JPEG
@@ -57,9 +57,10 @@ def strip_choices(scores, labels, threshold: float, k: int) -> dict[str, list[in
   scores, labels = np.asarray(scores), np.asarray(labels) > 0
   normal, anomalous = np.flatnonzero(~labels), np.flatnonzero(labels)
   missed = anomalous[scores[anomalous] < threshold]
+  flagged = normal[scores[normal] >= threshold]
   return {
-      "worst false positives (normal images, highest scores)":
-          [int(i) for i in normal[np.argsort(-scores[normal], kind="stable")][:k]],
+      "false positives (normal images at or above the threshold, highest first)":
+          [int(i) for i in flagged[np.argsort(-scores[flagged], kind="stable")][:k]],
       "missed defects (below the threshold, lowest scores)":
           [int(i) for i in missed[np.argsort(scores[missed], kind="stable")][:k]],
       "best detections (defective images, highest scores)":
@@ -164,6 +165,8 @@ def write(out_dir: str, result: dict, views: list[dict]) -> str:
              "0 is the median normal image, 1 the threshold). FPR: share of normal test images flagged; "
              "recall: share of defective ones. The F1-optimal columns choose the threshold with the test "
              "labels: a comparison, not a deployable setting.</p>",
+             f'<p class="small">{html.escape(inspection_lib.GUARANTEE_NOTE)}</p>',
+             *(f'<p class="note">{html.escape(w)}</p>' for w in inspection_lib.warnings(ins)),
              _table(inspection_lib.DECISION_HEADER, inspection_lib.decision_rows(ins)),
              "<h2>Per defect type</h2>",
              _table(inspection_lib.DEFECT_HEADER, inspection_lib.defect_rows(ins)),

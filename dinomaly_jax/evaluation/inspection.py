@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 
+from dinomaly_jax.evaluation import calibration
 from dinomaly_jax.evaluation import metrics
 from dinomaly_jax.evaluation.calibration import ClassCalibration
 
@@ -46,7 +47,10 @@ def class_results(scores, labels, defect_types, cal: ClassCalibration, f1_thresh
                   "recall": _rate(flagged[pick])}
   return {
       "threshold": cal.threshold, "threshold_source": cal.source,
-      "calibration_images": cal.num_images, "center": cal.center,
+      "calibration_images": cal.num_images, "center": cal.center, "target_fpr": cal.target_fpr,
+      "expected_fpr": cal.expected_fpr, "fpr_upper_95": cal.fpr_upper_95,
+      "guarantee": calibration.guarantee_text(cal),
+      "meets_target": None if math.isnan(cal.expected_fpr) else cal.meets_target,
       "normal_test_images": int((~labels).sum()), "anomalous_test_images": int(labels.sum()),
       "fpr": _rate(flagged[~labels]), "recall": _rate(flagged[labels]),
       "f1_threshold": float(f1_threshold), "fpr_at_f1": _rate(flagged_f1[~labels]),
@@ -61,13 +65,29 @@ def _pct(v: float) -> str:
 
 
 def decision_rows(inspection: dict) -> list[list[str]]:
-  """[class, threshold, source, FPR, recall, FPR@F1, recall@F1] rows (percent)."""
-  return [[name, f"{r['threshold']:.4g}", r["threshold_source"], _pct(r["fpr"]), _pct(r["recall"]),
-           _pct(r["fpr_at_f1"]), _pct(r["recall_at_f1"])] for name, r in inspection.items()]
+  """[class, threshold, source, images, promised FPR, its 95% bound, FPR, recall, FPR@F1, recall@F1]
+  rows (percent)."""
+  return [[name, f"{r['threshold']:.4g}", r["threshold_source"], str(r["calibration_images"]),
+           _pct(r.get("target_fpr")), _pct(r.get("expected_fpr")), _pct(r.get("fpr_upper_95")),
+           _pct(r["fpr"]), _pct(r["recall"]), _pct(r["fpr_at_f1"]), _pct(r["recall_at_f1"])]
+          for name, r in inspection.items()]
 
 
-DECISION_HEADER = ["class", "threshold", "threshold from", "FPR normal test %", "recall %",
-                   "FPR @F1 (test labels) %", "recall @F1 (test labels) %"]
+DECISION_HEADER = ["class", "threshold", "threshold from", "images", "target FPR %", "expected FPR %",
+                   "FPR 95% bound %", "FPR normal test %", "recall %", "FPR @F1 (test labels) %",
+                   "recall @F1 (test labels) %"]
+GUARANTEE_NOTE = (
+    "Expected FPR: the chance that a new normal image, drawn like the calibration images, scores at "
+    "or above the threshold, averaged over calibration sets: (N + 1 - k) / (N + 1) for the k-th "
+    "smallest of N calibration scores, k = ceil((N + 1)(1 - target)), at most the target when "
+    "N >= 1/target - 1. The FPR of this one calibration set is random; it stays below the 95% bound "
+    "for 95% of calibration sets. The FPR on the normal test images is a small-sample estimate of it.")
+
+
+def warnings(inspection: dict) -> list[str]:
+  """The one-line warnings of classes with too few calibration images for their target."""
+  return [calibration.shortfall_line(name, r["calibration_images"], r["target_fpr"], r["expected_fpr"])
+          for name, r in inspection.items() if r.get("meets_target") is False]
 
 
 def defect_rows(inspection: dict) -> list[list[str]]:
@@ -100,7 +120,8 @@ def markdown(inspection: dict) -> str:
       "An image is anomalous when its score is >= the threshold (normalised score >= 1). "
       "FPR: share of the normal test images flagged; recall: share of the defective ones. "
       "The F1-optimal columns use the test labels to choose the threshold: a comparison, "
-      "not a setting you could deploy.", "",
+      "not a setting you could deploy.", "", GUARANTEE_NOTE, "",
+      *(f"**{w}**\n" for w in warnings(inspection)),
       *_md_table(DECISION_HEADER, decision_rows(inspection)),
       "## Per defect type (image AUROC against the normal test images, recall at the calibrated threshold)", "",
       *_md_table(DEFECT_HEADER, defect_rows(inspection)),
@@ -113,5 +134,7 @@ def markdown(inspection: dict) -> str:
 
 def summary_lines(inspection: dict) -> list[str]:
   """A short printed summary: one line per class."""
-  return [f"{name}: threshold {r['threshold']:.4g} ({r['threshold_source']}), FPR on normal test "
-          f"images {_pct(r['fpr'])}%, recall {_pct(r['recall'])}%" for name, r in inspection.items()]
+  return [f"{name}: threshold {r['threshold']:.4g} ({r['threshold_source']}; "
+          f"{r.get('guarantee', 'no FPR guarantee recorded')}), FPR on normal test "
+          f"images {_pct(r['fpr'])}%, recall {_pct(r['recall'])}%" for name, r in inspection.items()
+          ] + warnings(inspection)

@@ -34,8 +34,12 @@ def _color_range(maps: np.ndarray, threshold: float, scale=None) -> tuple[float,
 
 def overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
   """(H, W, 3) uint8 image, (H, W) map -> (H, W, 3) uint8: half image, half jet heatmap."""
-  heat = CMAP(np.clip((amap - vmin) / (vmax - vmin), 0, 1))[..., :3]
-  return np.round(0.5 * image.astype(np.float64) + 127.5 * heat).astype(np.uint8)
+  # CMAP(x) picks colour int(x * N) (N - 1 at 1): the same lookup in float32, without the
+  # float64 RGBA array matplotlib builds (384 MB for a 4000x3000 map).
+  lut = np.asarray(CMAP(np.arange(CMAP.N))[:, :3], np.float32)  # (N, 3)
+  scaled = np.clip((np.asarray(amap, np.float32) - np.float32(vmin)) / np.float32(vmax - vmin), 0, 1)
+  heat = lut[np.minimum((scaled * CMAP.N).astype(np.int32), CMAP.N - 1)]  # (H, W, 3)
+  return np.round(np.float32(0.5) * image + np.float32(127.5) * heat).astype(np.uint8)
 
 
 def _safe(name: str) -> str:
@@ -73,7 +77,7 @@ def save_strips(out_dir: str, class_name: str, images_uint8, masks, maps, thresh
         ax.imshow(picture)
       ax.set_title(title, fontsize=9)
       ax.axis("off")
-    fig.suptitle(f"{class_name}: {name}", fontsize=9)
+    fig.suptitle(f"{class_name}: {name}", fontsize=9, parse_math=False)  # "$" in a name is text
     fig.tight_layout()
     path = storage.join(out_dir, class_name, f"{i:02d}_{_safe(os.path.splitext(name)[0])}.png")
     _save(fig, path)
@@ -114,7 +118,7 @@ def score_figure(class_name: str, scores, labels, thresholds=None) -> Figure:
       ax.set_xlim(0, 1)
       ax.set_ylim(0, 1.02)
       ax.set_title(title, fontsize=9)
-  fig.suptitle(class_name, fontsize=10)
+  fig.suptitle(class_name, fontsize=10, parse_math=False)
   fig.tight_layout()
   return fig
 

@@ -50,8 +50,9 @@ class SpikeGuard:
 
   @property
   def lr_scale(self) -> float:
-    """The factor on the configured learning rate after the recorded rollbacks."""
-    return self.lr_factor ** len(self.events)
+    """The factor on the configured learning rate after the recorded rollbacks: the last
+    event's, as recorded (spike_lr_factor may have changed since; it applies to new rollbacks)."""
+    return float(self.events[-1]["lr_scale"]) if self.events else 1.0
 
   @property
   def data_offset(self) -> int:
@@ -83,7 +84,7 @@ class SpikeGuard:
           f"checkpoint is step {last_good}; lower config.train.lr or check the data.")
     event = {"step": spike.step, "loss": spike.loss if math.isfinite(spike.loss) else str(spike.loss),
              "reason": spike.reason, "rolled_back_to": last_good, "skipped_batches": done - last_good,
-             "lr_scale": self.lr_factor ** (len(self.events) + 1)}
+             "lr_scale": self.lr_scale * self.lr_factor}
     self.events.append(event)
     storage.write_shared(self._path, "".join(json.dumps(e) + "\n" for e in self.events))
     return event

@@ -32,6 +32,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   saved.check_compatible(workdir, config)
   records = data_index.build_records(config.data, "train")
   test_records = data_index.build_records(config.data, "test")  # fail early on bad test data
+  evaluate.check_records(config, test_records)
   preflight.check_training(config, len(records))
   mesh = sharding.make_mesh()
   model, state, _ = model_state.build(config)

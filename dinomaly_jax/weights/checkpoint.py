@@ -34,10 +34,17 @@ def encoder_fingerprint(encoder_params) -> str:
   return h.hexdigest()[:16]
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether `workdir` holds a finished checkpoint: a step folder in checkpoints/ (orbax creates the
+  folder itself when its manager is built, and writes a step under a temporary name first)."""
+  folder = storage.join(workdir, CHECKPOINT_DIR)
+  return storage.isdir(folder) and any(name.isdigit() for name in storage.listdir(folder))
+
+
 def check_encoder(workdir: str, fingerprint: str, source: str) -> None:
   """Refuses encoder weights other than those the work directory's checkpoints were trained with."""
   path = storage.join(workdir, ENCODER_FILE)
-  if not storage.exists(path) or not storage.isdir(storage.join(workdir, CHECKPOINT_DIR)):
+  if not storage.exists(path) or not has_checkpoint(workdir):
     return  # no checkpoint yet: any encoder may start the run
   saved = json.loads(storage.read_text(path))
   if saved["fingerprint"] != fingerprint:
