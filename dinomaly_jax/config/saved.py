@@ -16,7 +16,7 @@ CONFIG_FILE = "config.json"
 
 # Fields that may differ between the run that wrote a work directory and one that
 # continues it: they change neither the parameters' shapes nor the trajectory.
-_FREE_FIELDS = ("mode", "encoder_weights", "model.attention_impl", "data.root", "data.workers", "data.packed",
+_FREE_FIELDS = ("mode", "encoder_weights", "init_from", "model.attention_impl", "data.root", "data.workers", "data.packed",
                 "data.calibration.folder",
                 "train.log_every", "train.eval_every", "train.checkpoint_every",
                 "train.keep_checkpoints", "train.stop_after", "train.spike_policy", "train.spike_factor",
@@ -24,9 +24,21 @@ _FREE_FIELDS = ("mode", "encoder_weights", "model.attention_impl", "data.root", 
                 "predict.", "export.")
 
 
+# Fields that may grow: a larger train.steps continues a (finished) run; the learning-rate
+# schedule then spans the new number of steps (README, "Train longer").
+_GROWING_FIELDS = ("train.steps",)
+
+
 def is_free_field(field: str) -> bool:
   """Whether `field` ("train.log_every") may change in a work directory that holds a run."""
   return any(field == f or (f.endswith(".") and field.startswith(f)) for f in _FREE_FIELDS)
+
+
+def may_change(field: str, saved_value, new_value) -> bool:
+  """Whether `field` may go from its saved value to `new_value` in a work directory that holds a run."""
+  if field in _GROWING_FIELDS:
+    return isinstance(new_value, int) and isinstance(saved_value, int) and new_value >= saved_value
+  return is_free_field(field)
 
 
 def path_in(workdir: str) -> epath.Path:

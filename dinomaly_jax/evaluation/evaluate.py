@@ -1,7 +1,10 @@
 """The eval loop: anomaly maps for every test (and calibration) image, metrics per class,
 calibrated thresholds, reports (md, json, csv, html), pictures."""
+import contextlib
 import json
 import os
+import sys
+import warnings
 
 import jax
 from jax.experimental import multihost_utils
@@ -75,6 +78,17 @@ def predict_records(config, map_fn, variables, records, mesh, desc="eval"):
   return maps, scores, masks
 
 
+@contextlib.contextmanager
+def _warnings_as_lines(class_name: str):
+  """The metrics' warnings (a class without defect masks: NaN pixel metrics) as one line each
+  on stderr, naming the class, instead of Python's warning with its source line."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    yield
+  for message in dict.fromkeys(str(w.message) for w in caught):
+    print(f"warning: {class_name}: {message}", file=sys.stderr, flush=True)
+
+
 def _by_class(records) -> dict[str, list]:
   by_class = {}
   for r in records:
@@ -104,9 +118,11 @@ def evaluate(config, workdir, model, variables, records, *, step, mesh) -> dict:
       continue
     labels = np.array([r.label for r in class_records], np.int32)
     pixel_args = dict(aupro=e.aupro, aupro_max_fpr=e.aupro_max_fpr, aupro_thresholds=e.aupro_thresholds)
-    per_class[name], best = metrics.class_metrics(scores, labels, maps, masks, with_thresholds=True,
-                                                  **pixel_args)
-    half = metrics.class_metrics(scores, labels, maps, masks >= transforms.MASK_HALF, **pixel_args)
+    with _warnings_as_lines(name):
+      per_class[name], best = metrics.class_metrics(scores, labels, maps, masks, with_thresholds=True,
+                                                    **pixel_args)
+    with warnings.catch_warnings(action="ignore"):  # the same class's NaNs: said once above
+      half = metrics.class_metrics(scores, labels, maps, masks >= transforms.MASK_HALF, **pixel_args)
     thresholds[name] = float(best["image"])
     if name in calibration_records:
       cal = calibration.calibrate(cal_scores, cal_maps, e.target_fpr)

@@ -11,6 +11,7 @@ by process 0 atomically and read after a barrier.
 """
 import hashlib
 import json
+import logging
 
 import jax
 import ml_collections
@@ -19,7 +20,7 @@ import orbax.checkpoint as ocp
 
 from dinomaly_jax import storage
 from dinomaly_jax.config.saved import CONFIG_FILE
-from dinomaly_jax.config.saved import is_free_field
+from dinomaly_jax.config.saved import may_change
 from dinomaly_jax.errors import IncompatibleWorkdirError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -51,12 +52,13 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
   now = _flatten(_as_plain(config))
   diffs = [f"  config.{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
            for k in sorted(set(saved) | set(now))
-           if saved.get(k) != now.get(k) and not is_free_field(k)]
+           if saved.get(k) != now.get(k) and not may_change(k, saved.get(k), now.get(k))]
   if diffs:
     raise IncompatibleWorkdirError(
         f"The work directory {workdir} holds a run with a different configuration "
         f"({path}):\n" + "\n".join(diffs) +
-        "\nUse a new --workdir, or the same config to resume this run.")
+        f"\nUse a new --workdir (--config.init_from={workdir} there starts from this run's weights if "
+        "the model fields are the same), or the same config to resume this run.")
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -96,12 +98,24 @@ def save_encoder(workdir: str, fingerprint: str, source: str) -> None:
 
 def manager(workdir: str, config: ml_collections.ConfigDict, *, read_only=False) -> ocp.CheckpointManager:
   if read_only:
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
-                                           max_to_keep=None, enable_async_checkpointing=False)
-  else:
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints)
+    return _read_only_manager(workdir)
   return ocp.CheckpointManager(storage.absolute(storage.join(workdir, CHECKPOINT_DIR)),
-                                options=options)
+                                options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints))
+
+
+def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
+  """A manager that only reads; orbax's warning that its directory is read only (it is, on
+  purpose) is not shown."""
+  quiet = lambda record: not record.getMessage().startswith("Given directory is read only")
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(quiet)
+  try:
+    return ocp.CheckpointManager(storage.absolute(storage.join(workdir, CHECKPOINT_DIR)),
+                                 options=ocp.CheckpointManagerOptions(
+                                     read_only=True, create=False, save_interval_steps=0,
+                                     max_to_keep=None, enable_async_checkpointing=False))
+  finally:
+    absl_logger.removeFilter(quiet)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
@@ -117,6 +131,22 @@ def restore(mngr: ocp.CheckpointManager, state, step: int | None = None):
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainable(state))
   restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
   return state.replace(**restored)
+
+
+def restore_params(workdir: str, params):
+  """(bottleneck + decoder parameters of the latest checkpoint of `workdir`, its step), in the
+  structure, dtypes and shardings of `params` (the optimizer state is not read)."""
+  mngr = _read_only_manager(workdir)
+  try:
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {mngr.directory}.")
+    target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, params)}
+    restored = mngr.restore(step, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+  finally:
+    mngr.close()
+  return restored["params"], step
 
 
 def trainable(state) -> dict:
