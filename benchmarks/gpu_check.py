@@ -1,18 +1,21 @@
 """The key accelerator measurements in one script (under 8 minutes on one GPU).
 
   python -m benchmarks.gpu_check [--out benchmarks/results]     # on a GPU machine
-  python -m benchmarks.gpu_check --smoke                         # tiny, on CPU, to test it
+  python -m benchmarks.gpu_check --smoke [--out DIR]             # tiny, on CPU, to test it
 
 ViT-B/14 at 392 in bfloat16 (float32 parameters and optimizer state): inference images/s,
 train step time (protocol batch 16; images already on the device, and fed from host
 memory each step), the projected time of the protocol's 10,000 steps, the cached-feature
 train step, and the agreement of cuDNN and XLA attention. Results are written after
 every phase to <out>/<platform>-check-<date>.json, so a run stopped early keeps them.
+A --smoke run writes into a new temporary folder unless --out is given (never into
+benchmarks/results, which holds real measurements).
 """
 import argparse
 import datetime
 import json
 import os
+import tempfile
 import time
 import traceback
 
@@ -115,8 +118,11 @@ def attention_agreement(cfg: dict, fast_impl: str) -> dict:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, any backend (CPU test)")
-  parser.add_argument("--out", default="benchmarks/results")
+  parser.add_argument("--out", default=None,
+                      help="results folder (default: benchmarks/results; with --smoke a new temporary folder)")
   args = parser.parse_args(argv)
+  if args.out is None:
+    args.out = tempfile.mkdtemp(prefix="gpu_check_smoke_") if args.smoke else "benchmarks/results"
   cfg = SMOKE if args.smoke else FULL
   if not args.smoke and jax.default_backend() != "gpu":
     parser.error(f"no GPU (JAX backend {jax.default_backend()!r}); use --smoke to test on CPU.")

@@ -10,6 +10,8 @@
 A fifth of each class's train/good is held out of training as the calibration split
 that sets the decision thresholds (config.data.calibration; `calibration=0` trains on
 all of them, or --config.data.calibration.folder=/data/normal_only for your own).
+Short runs: the warm-up is min(100, train.steps // 10) steps, also after
+--config.train.steps=40 (4 steps); --config.train.warmup_steps=N sets it yourself.
 """
 from dinomaly_jax.config import defaults
 

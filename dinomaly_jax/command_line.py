@@ -3,8 +3,8 @@
 Owns: which configuration a run uses (the `--config` file, or the one saved in the work
 directory), parsing the flags with one-line errors (an unknown config field names the
 closest valid ones), the check that command-line overrides of a saved configuration
-change only fields that may change, and how errors are shown (`--verbose` or
-$DINOMALY_JAX_VERBOSE=1 adds the traceback).
+change only fields that may change, how errors are shown (`--verbose` or
+$DINOMALY_JAX_VERBOSE=1 adds the traceback), and the help (`--help`, `-h`, `--helpfull`).
 """
 import difflib
 import os
@@ -19,6 +19,31 @@ from dinomaly_jax.config import saved
 
 VERBOSE_ENV = "DINOMALY_JAX_VERBOSE"
 SAVED_CONFIG_MODES = ("eval", "predict", "export")  # they always use the saved config
+HELP_FLAGS = ("-h", "--help", "--helpshort", "-?", "--helpfull")
+MODES = (
+    ("train", "train in --workdir (or resume its latest checkpoint), then evaluate (the default)"),
+    ("eval", "evaluate the latest checkpoint of --workdir: reports, thresholds, pictures in <workdir>/eval"),
+    ("predict", "score new images (--config.predict.input=FOLDER_OR_GLOB): heatmaps, predictions.csv"),
+    ("export", "write <workdir>/export: the inference function (jax.export), params.npz, export_info.json"),
+)
+# The fields a first run sets or looks at, with what they mean (--helpfull lists every field).
+MAIN_FIELDS = (
+    ("data.root", "dataset folder"),
+    ("data.layout", "mvtec | mpdd | btad | visa | realiad | folder"),
+    ("data.packed", "a packed dataset (python -m dinomaly_jax.data.pack) instead of data.root"),
+    ("data.classes", "classes to use; empty = all found"),
+    ("encoder_weights", "converted DINOv2/DINOv3 directory or official .pth (python -m weight_conversion.convert)"),
+    ("model.vit", "encoder size; auto = from the weights"),
+    ("train.steps", "training steps (the learning-rate schedule spans them)"),
+    ("train.batch_size", "global batch"),
+    ("train.warmup_steps", "linear warm-up steps"),
+    ("train.stop_after", "checkpoint and stop after this many steps (resume later)"),
+    ("init_from", "a trained work directory whose bottleneck + decoder start a new run"),
+    ("eval.pictures_per_class", "pictures per class in the report"),
+    ("predict.input", "images to score (a folder or glob) in --mode=predict"),
+    ("predict.output", "default: <workdir>/predictions"),
+    ("export.platforms", "e.g. \"('cpu','cuda')\"; empty = this platform"),
+)
 _SAVED_LOADER = os.path.abspath(saved.__file__)  # host-local: this package's own file
 
 
@@ -85,19 +110,71 @@ def choose_config(argv) -> tuple[list[str], bool]:
   return list(argv), False
 
 
-def _field_names(config, prefix="") -> list[str]:
-  names = []
+def wants_help(argv) -> bool:
+  return any(arg in HELP_FLAGS for arg in argv[1:])
+
+
+def show_help(argv) -> None:
+  """Prints the help and exits 0: the fields' values are those of --config, or of the work
+  directory's saved config, else the defaults."""
+  rest = [a for a in argv if a not in HELP_FLAGS]
+  if _flag_value(rest, "workdir") is None:
+    rest.append("--workdir=")  # not used: the help only needs the config
+  try:
+    config_argv, from_saved = choose_config(rest)
+    parse_flags(config_argv)
+    config = flags.FLAGS["config"].value
+    source = str(saved.path_in(_flag_value(rest, "workdir"))) if from_saved else _flag_value(rest, "config")
+  except errors.UsageError as e:
+    why = "--config or --workdir shows a config's" if "is required" in str(e) else str(e)
+    config, source = defaults.base_config(), f"the defaults; {why}"
+  print(help_text(config, flags.FLAGS.main_module_help(), full="--helpfull" in argv, source=source), end="")
+  sys.exit(0)
+
+
+def help_text(config, flags_help: str, *, full: bool, source: str) -> str:
+  """Usage, the modes, the main config fields with their values in `config` (every field
+  when `full`) and the flags."""
+  values = _field_values(config)
+  lines = [
+      "Dinomaly-JAX: train, evaluate, predict, export.", "",
+      "Usage:",
+      "  python -m dinomaly_jax.main --config=configs/<dataset>.py[:args] --workdir=DIR [--config.<field>=value ...]",
+      "  python -m dinomaly_jax.main --workdir=DIR [--mode=eval|predict|export] [--config.<field>=value ...]",
+      "  (a trained work directory keeps its configuration in config.json: --workdir is then enough)", "",
+      "Configs: configs/mvtec.py (args vit=small|base|large|giant, encoder=NAME, sep, layout=mpdd|btad),",
+      "  configs/visa.py, configs/realiad.py, configs/folder.py (your own images), configs/demo.py (generated data)",
+      "", "Modes (--mode):"]
+  lines += [f"  {name:8} {what}" for name, what in MODES]
+  title = "Config fields" if full else "Main config fields"
+  lines += ["", f"{title} (--config.<field>=value; values of {source}):"]
+  shown = sorted(values) if full else [f for f, _ in MAIN_FIELDS]
+  meaning = dict(MAIN_FIELDS)
+  width = max(len(f) for f in shown) + 1
+  value_width = min(max(len(repr(values[f])) for f in shown), 30) + 1
+  for field in shown:
+    text = f"  {field:{width}} {values[field]!r:{value_width}} {meaning.get(field, '')}"
+    lines.append(text.rstrip())
+  if not full:
+    lines.append("  (--helpfull lists every field; README.md, 'Configuration reference', says what each means)")
+  flag_lines = [line for line in flags_help.splitlines() if line.startswith(" ")]  # not the module's path
+  lines += ["", "Flags:", *flag_lines]
+  return "\n".join(lines) + "\n"
+
+
+def _field_values(config, prefix="") -> dict:
+  values = {}
   for key, value in config.items():
     if hasattr(value, "items"):
-      names += _field_names(value, f"{prefix}{key}.")
+      values.update(_field_values(value, f"{prefix}{key}."))
     else:
-      names.append(f"{prefix}{key}")
-  return names
+      values[f"{prefix}{key}"] = value
+  return values
 
 
 def _unknown_field_error(argv) -> errors.UsageError | None:
   """The first --config.<field> of argv that the config does not have, with the closest names."""
-  known = _field_names(defaults.base_config())
+  known = list(_field_values(defaults.base_config()))
   for arg in argv:
     if not arg.startswith("--config."):
       continue
@@ -153,11 +230,16 @@ def check_overrides(workdir: str, overrides: dict) -> None:
     old = before
     for part in field.split("."):
       old = old[part]
-    if saved.is_free_field(field) or _same(old, value):
+    if saved.may_change(field, old, value) or _same(old, value):
       continue
+    can = ("may only grow (a larger value trains the run further)" if field == "train.steps"
+           else "cannot change for a trained work directory")
+    instead = ("use a new --workdir to train another model" if field.startswith("model.") else
+               f"to train another model from this one's weights: a new --workdir with --config=... "
+               f"--config.init_from={workdir}")
     raise errors.IncompatibleWorkdirError(
         f"--config.{field}={value!r}: {workdir} was trained with {field}={old!r}, and this field "
-        "cannot change for a trained work directory (use a new --workdir to train another model).")
+        f"{can} ({instead}).")
 
 
 def _same(a, b) -> bool:

@@ -34,6 +34,8 @@ _FROM_SAVED = []  # [True] when the config is the work directory's saved one
 
 
 def _parse(argv):
+  if command_line.wants_help(argv):
+    command_line.show_help(argv)  # exits 0
   try:
     argv, from_saved = command_line.choose_config(argv)
     _FROM_SAVED.append(from_saved)

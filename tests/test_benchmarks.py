@@ -7,9 +7,10 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(args, tmp_path):
-  proc = subprocess.run([sys.executable, "-m", *args, "--out", str(tmp_path)], cwd=REPO,
-                        capture_output=True, text=True, timeout=900)
+def _run(args, tmp_path, env=None):
+  out = [] if tmp_path is None else ["--out", str(tmp_path)]
+  proc = subprocess.run([sys.executable, "-m", *args, *out], cwd=REPO, capture_output=True, text=True,
+                        timeout=900, env=None if env is None else {**os.environ, **env})
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc
 
@@ -36,9 +37,17 @@ def test_benchmark_quick_writes_json_and_markdown(tmp_path):
   assert "## 1 thread" in markdown and "Cached encoder features" in markdown
 
 
-def test_gpu_check_smoke_runs_on_cpu(tmp_path):
-  _run(["benchmarks.gpu_check", "--smoke"], tmp_path)
-  assert any(n.endswith(".json") for n in os.listdir(tmp_path))
+def test_gpu_check_smoke_runs_on_cpu_and_writes_outside_the_source_tree(tmp_path):
+  """Without --out, the smoke run writes into a new temporary folder, not benchmarks/results."""
+  results = os.path.join(REPO, "benchmarks", "results")
+  before = sorted(os.listdir(results)) if os.path.isdir(results) else []
+  proc = _run(["benchmarks.gpu_check", "--smoke"], None, env={"TMPDIR": str(tmp_path)})
+  (folder,) = os.listdir(tmp_path)
+  (name,) = os.listdir(tmp_path / folder)
+  assert name.startswith("cpu-check-smoke-") and name.endswith(".json")
+  assert f"Wrote {tmp_path / folder / name}" in proc.stdout
+  assert set(json.load(open(tmp_path / folder / name))) >= {"attention", "train", "train_cached"}
+  assert (sorted(os.listdir(results)) if os.path.isdir(results) else []) == before
 
 
 def test_deploy_speed_writes_all_runtimes_and_their_parity(tmp_path):

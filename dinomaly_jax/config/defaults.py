@@ -52,6 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
   # real configs stop with instructions; the demo sets random_encoder=True.
   c.encoder_weights = ""
   c.random_encoder = False
+  # A trained work directory: a new run starts from its latest checkpoint's bottleneck and
+  # decoder (same model fields and encoder), with a fresh optimizer, step 0 and its own
+  # learning-rate schedule. Read only when the work directory has no checkpoint yet.
+  c.init_from = ""
 
   # --- Data ------------------------------------------------------------------
   c.data = d = ml_collections.ConfigDict()
@@ -208,7 +212,19 @@ def dataset_config(arg: str | None, data_layout: str, *, multi_class_steps: int 
   c.data.layout = data_layout
   c.data.class_separated = a.sep
   c.train.steps = 5_000 if a.sep else multi_class_steps
+  follow_steps_with_warmup(c)
   return a, c
+
+
+def follow_steps_with_warmup(c: ml_collections.ConfigDict) -> None:
+  """train.warmup_steps = min(100, train.steps // 10), kept so when train.steps changes later
+  (`--config.train.steps=40` warms up over 4 steps); an explicit warmup_steps wins.
+
+  The protocol's runs (5,000 steps and more) keep its 100 warm-up steps.
+  """
+  tenth = c.train.get_ref("steps") // 10
+  cap = base_config().train.warmup_steps
+  c.train.warmup_steps = (tenth + cap - abs(tenth - cap)) // 2  # min(tenth, cap), as a FieldReference
 
 
 # Config argument `encoder=NAME` (the official model names) -> (family, vit, registers).

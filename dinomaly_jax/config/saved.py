@@ -23,7 +23,7 @@ SCHEMA_KEY = "schema_version"
 
 # Fields that may differ between the run that wrote a work directory and one that
 # continues it: they change neither the parameters' shapes nor the trajectory.
-_FREE_FIELDS = ("mode", "encoder_weights", "model.attention_impl", "data.root", "data.workers", "data.packed",
+_FREE_FIELDS = ("mode", "encoder_weights", "init_from", "model.attention_impl", "data.root", "data.workers", "data.packed",
                 "data.max_image_pixels",
                 "data.calibration.folder",
                 "train.log_every", "train.eval_every", "train.checkpoint_every",
@@ -32,9 +32,21 @@ _FREE_FIELDS = ("mode", "encoder_weights", "model.attention_impl", "data.root", 
                 "predict.", "export.", "compile.")
 
 
+# Fields that may grow: a larger train.steps continues a (finished) run; the learning-rate
+# schedule then spans the new number of steps (README, "Train longer").
+_GROWING_FIELDS = ("train.steps",)
+
+
 def is_free_field(field: str) -> bool:
   """Whether `field` ("train.log_every") may change in a work directory that holds a run."""
   return any(field == f or (f.endswith(".") and field.startswith(f)) for f in _FREE_FIELDS)
+
+
+def may_change(field: str, saved_value, new_value) -> bool:
+  """Whether `field` may go from its saved value to `new_value` in a work directory that holds a run."""
+  if field in _GROWING_FIELDS:
+    return isinstance(new_value, int) and isinstance(saved_value, int) and new_value >= saved_value
+  return is_free_field(field)
 
 
 def path_in(workdir: str) -> str:
@@ -102,12 +114,13 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
   now = _flatten(json.loads(config.to_json()))
   diffs = [f"  config.{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
            for k in sorted(set(saved) | set(now))
-           if saved.get(k) != now.get(k) and not is_free_field(k)]
+           if saved.get(k) != now.get(k) and not may_change(k, saved.get(k), now.get(k))]
   if diffs:
     raise IncompatibleWorkdirError(
         f"The work directory {workdir} holds a run with a different configuration "
         f"({path_in(workdir)}):\n" + "\n".join(diffs) +
-        "\nUse a new --workdir, or the same config to resume this run.")
+        f"\nUse a new --workdir (--config.init_from={workdir} there starts from this run's weights if "
+        "the model fields are the same), or the same config to resume this run.")
 
 
 def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:

@@ -62,8 +62,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
   d = c.data
   _one_of(c, "data.layout", LAYOUTS)
-  _check(bool(d.root) or d.synthetic or c.mode in ("predict", "export", "compile"), "data.root",
-         "the dataset folder (e.g. --config.data.root=/data/mvtec)", d.root)
+  _check(bool(d.root) or bool(d.packed) or d.synthetic or c.mode in ("predict", "export", "compile"), "data.root",
+         "the dataset folder (e.g. --config.data.root=/data/mvtec), or data.packed a packed one", d.root)
   _positive_int(c, "data.crop")
   patch = encoders.patch_size(m.family)
   _check(d.crop % patch == 0, "data.crop", f"a multiple of the patch size {patch} ({m.family})", d.crop)
@@ -89,7 +89,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   for f in ("warmup_steps", "eval_every", "checkpoint_every", "stop_after"):
     v = t[f]
     _check(is_int(v) and v >= 0, f"train.{f}", "an integer >= 0", v)
-  _check(t.warmup_steps < t.steps, "train.warmup_steps", f"< train.steps ({t.steps})", t.warmup_steps)
+  _check(t.warmup_steps < t.steps, "train.warmup_steps",
+         f"< train.steps ({t.steps}; e.g. --config.train.warmup_steps={t.steps // 10})", t.warmup_steps)
   _in_range(c, "train.lr", 1e-12, 10.0)
   _in_range(c, "train.final_lr", 0.0, t.lr)
   _in_range(c, "train.weight_decay", 0.0, 1.0)

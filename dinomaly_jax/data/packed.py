@@ -18,6 +18,7 @@ from concurrent import futures
 import hashlib
 import io
 import json
+import logging
 import multiprocessing
 import os
 import tempfile
@@ -112,6 +113,16 @@ def write(records: dict[str, list[Record]], out_dir: str, resize: int, workers: 
   storage.write_text(storage.join(out_dir, METADATA_FILE), json.dumps(metadata))
 
 
+def _no_opencv_note(record: logging.LogRecord) -> bool:
+  return not record.getMessage().startswith("OpenCV is not installed")
+
+
+def _hide_opencv_note() -> None:
+  """TFDS decodes PNGs with PIL when OpenCV is missing and says so on the first image (of
+  each process); PIL is what the packs are read with on purpose, so that note is not shown."""
+  logging.getLogger("absl").addFilter(_no_opencv_note)  # a second add of the same filter is a no-op
+
+
 def _metadata(packed: str, resize: int | None = None) -> dict:
   """The pack's dinomaly_pack.json (local or cloud paths); checks its resize."""
   path = storage.join(packed, METADATA_FILE)
@@ -171,6 +182,7 @@ class PackedReader:
     split, pos = self._where[i]
     if split not in self._sources:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      _hide_opencv_note()
       self._sources[split] = tfds.builder_from_directory(self._packed).as_data_source(split)
     return self._sources[split][pos]
 

@@ -2,8 +2,11 @@
 every test and calibration image), analyse (metrics, calibrated threshold, inspection figures),
 draw (pictures); then, on the primary process, the pooled calibration and the reports (md,
 json, csv, html)."""
+import contextlib
 import dataclasses
 import json
+import sys
+import warnings
 
 import jax
 import ml_collections
@@ -109,6 +112,17 @@ class ClassOutcome:
   inspection: dict  # decisions, per defect type, both mask conventions
 
 
+@contextlib.contextmanager
+def _warnings_as_lines(class_name: str):
+  """The metrics' warnings (a class without defect masks: NaN pixel metrics) as one line each
+  on stderr, naming the class, instead of Python's warning with its source line."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    yield
+  for message in dict.fromkeys(str(w.message) for w in caught):
+    print(f"warning: {class_name}: {message}", file=sys.stderr, flush=True)
+
+
 def _by_class(records) -> dict[str, list]:
   by_class = {}
   for r in records:
@@ -206,9 +220,11 @@ def _analyse_class(eval_config, s: ClassScores, images_from: str = "") -> ClassO
   """Metrics, the F1-optimal threshold, the calibration and the inspection figures of a class."""
   pixel_args = dict(aupro=eval_config.aupro, aupro_max_fpr=eval_config.aupro_max_fpr,
                     aupro_thresholds=eval_config.aupro_thresholds)
-  class_metrics, best = metrics.class_metrics(s.scores, s.labels, s.maps, s.masks, with_thresholds=True,
-                                              **pixel_args)
-  half = metrics.class_metrics(s.scores, s.labels, s.maps, s.masks >= transforms.MASK_HALF, **pixel_args)
+  with _warnings_as_lines(s.records[0].class_name):
+    class_metrics, best = metrics.class_metrics(s.scores, s.labels, s.maps, s.masks, with_thresholds=True,
+                                                **pixel_args)
+  with warnings.catch_warnings(action="ignore"):  # the same class's NaNs: said once above
+    half = metrics.class_metrics(s.scores, s.labels, s.maps, s.masks >= transforms.MASK_HALF, **pixel_args)
   if s.calibration_scores is not None:
     cal = calibration.calibrate(s.calibration_scores, s.calibration_maps, eval_config.target_fpr, images_from)
   else:

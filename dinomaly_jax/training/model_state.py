@@ -5,6 +5,8 @@ import ml_collections
 from dinomaly_jax import sharding
 from dinomaly_jax.config import saved
 from dinomaly_jax import storage
+from dinomaly_jax.config import saved
+from dinomaly_jax.errors import IncompatibleWorkdirError
 from dinomaly_jax.models import dinomaly
 from dinomaly_jax.training import train_step
 from dinomaly_jax.weights import checkpoint
@@ -38,6 +40,36 @@ def check_encoder(config: ml_collections.ConfigDict, workdir: str, state) -> str
   fingerprint = checkpoint.encoder_fingerprint(state.encoder_params)
   checkpoint.check_encoder(workdir, fingerprint, encoder_source(config))
   return fingerprint
+
+
+# Model fields that do not shape the trained parameters: a run may start from weights trained with others.
+_INIT_FROM_FREE = ("attention_impl", "dtype", "bottleneck_dropout")
+
+
+def init_from(config: ml_collections.ConfigDict, state, fingerprint: str):
+  """(`state` with the bottleneck + decoder of config.init_from's latest checkpoint, its step).
+
+  The optimizer state, step and learning-rate schedule stay those of the new run. The
+  trained run must have the same model fields (but those in _INIT_FROM_FREE) and encoder.
+  """
+  source = config.init_from
+  if not saved.exists_in(source) or not storage.isdir(storage.join(source, checkpoint.CHECKPOINT_DIR)):
+    raise IncompatibleWorkdirError(f"config.init_from: {source} holds no trained run (no {saved.CONFIG_FILE} "
+                                   "and checkpoints); expected the work directory of a training run.")
+  trained = saved.load(source).model
+  diffs = [f"model.{k}={trained[k]!r}, this run {v!r}" for k, v in config.model.items()
+           if k not in _INIT_FROM_FREE and _as_list(trained[k]) != _as_list(v)]
+  if diffs:
+    raise IncompatibleWorkdirError(f"config.init_from: {source} was trained with {'; '.join(diffs)}; "
+                                   "starting from its weights needs the same model fields.")
+  checkpoint.check_encoder(source, fingerprint, encoder_source(config))
+  params, step = checkpoint.restore_params(source, state.params)
+  return state.replace(params=params), step
+
+
+def _as_list(v):
+  """Tuples and lists compare equal (config.json stores lists)."""
+  return [_as_list(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
 def variables(state) -> dict:

@@ -19,6 +19,7 @@ from dinomaly_jax.training import feature_cache
 from dinomaly_jax.training import interrupt
 from dinomaly_jax.training import metric_writer
 from dinomaly_jax.training import model_state
+from dinomaly_jax.training import optim
 from dinomaly_jax.training import preflight
 from dinomaly_jax.training import spike_guard
 from dinomaly_jax.training import train_step
@@ -37,6 +38,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = sharding.make_mesh()
   model, state, _ = model_state.build(config)
   fingerprint = model_state.check_encoder(config, workdir, state)
+  saved_steps = saved.load(workdir).train.steps if saved.exists_in(workdir) else config.train.steps
   saved.save(workdir, config)  # every check passed: the work directory starts here
   checkpoint.save_encoder(workdir, fingerprint, model_state.encoder_source(config))
   state = sharding.replicate(state, mesh)
@@ -45,6 +47,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if start:
     state = checkpoint.restore(mngr, state, start)
     _log(f"Resumed from the checkpoint of step {start} in {workdir}.")
+    if saved_steps != config.train.steps:
+      _log(_longer_schedule_note(config.train, saved_steps, start))
+  elif config.init_from:
+    state, from_step = model_state.init_from(config, state, fingerprint)
+    _log(f"Bottleneck and decoder start from step {from_step} of {config.init_from} (config.init_from); "
+         f"optimizer, step and learning-rate schedule start afresh.")
   n_proc, batch = jax.process_count(), config.train.batch_size
   guard = spike_guard.SpikeGuard(config.train, workdir)
   position = start + guard.data_offset  # batches skipped by earlier rollbacks
@@ -105,6 +113,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mngr.close()
     writer.close()
   return result
+
+
+def _longer_schedule_note(t, saved_steps: int, start: int) -> str:
+  """One line: the run continues to more steps, and what that does to the learning rate."""
+  lr = lambda total: float(optim.warm_cosine_schedule(t.lr, t.final_lr, total, t.warmup_steps)(start))
+  return (f"Training on from step {start} to train.steps={t.steps} (was {saved_steps}): the learning-rate "
+          f"schedule (warm-up, cosine to train.final_lr) now spans {t.steps} steps, so step {start + 1} "
+          f"trains at lr {lr(t.steps):.2e} where the {saved_steps}-step schedule gave {lr(saved_steps):.2e}.")
 
 
 class _TrainLoop:

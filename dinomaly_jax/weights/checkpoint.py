@@ -11,6 +11,7 @@ by process 0 atomically and read after a barrier.
 """
 import hashlib
 import json
+import logging
 
 import jax
 import ml_collections
@@ -64,12 +65,24 @@ def save_encoder(workdir: str, fingerprint: str, source: str) -> None:
 
 def manager(workdir: str, config: ml_collections.ConfigDict, *, read_only=False) -> ocp.CheckpointManager:
   if read_only:
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
-                                           max_to_keep=None, enable_async_checkpointing=False)
-  else:
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints)
+    return _read_only_manager(workdir)
   return ocp.CheckpointManager(storage.absolute(storage.join(workdir, CHECKPOINT_DIR)),
-                                options=options)
+                                options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints))
+
+
+def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
+  """A manager that only reads; orbax's warning that its directory is read only (it is, on
+  purpose) is not shown."""
+  quiet = lambda record: not record.getMessage().startswith("Given directory is read only")
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(quiet)
+  try:
+    return ocp.CheckpointManager(storage.absolute(storage.join(workdir, CHECKPOINT_DIR)),
+                                 options=ocp.CheckpointManagerOptions(
+                                     read_only=True, create=False, save_interval_steps=0,
+                                     max_to_keep=None, enable_async_checkpointing=False))
+  finally:
+    absl_logger.removeFilter(quiet)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
@@ -85,6 +98,22 @@ def restore(mngr: ocp.CheckpointManager, state, step: int | None = None):
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainable(state))
   restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
   return state.replace(**restored)
+
+
+def restore_params(workdir: str, params):
+  """(bottleneck + decoder parameters of the latest checkpoint of `workdir`, its step), in the
+  structure, dtypes and shardings of `params` (the optimizer state is not read)."""
+  mngr = _read_only_manager(workdir)
+  try:
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {mngr.directory}.")
+    target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, params)}
+    restored = mngr.restore(step, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+  finally:
+    mngr.close()
+  return restored["params"], step
 
 
 def trainable(state) -> dict:
