@@ -42,7 +42,7 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
   model, state = model_state.load_trained(config, workdir, mesh)
   variables = jax.device_get(model_state.variables(state))
   leaves, treedef = jax.tree.flatten(variables)
-  inference = inference_function(map_fn, treedef, table)
+  inference = inference_function(evaluate.map_function(model, config), treedef, table)
   crop, fmt = config.data.crop, config.export.format
   out = storage.join(workdir, EXPORT_DIR)
   if fmt == "jax":
