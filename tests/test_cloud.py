@@ -156,3 +156,23 @@ def test_two_pack_only_hosts_with_the_workdir_on_gcs(gcs, tmp_path):
   assert len(pictures) == 3 and "scores.png" in pictures and all(n.endswith(".png") for n in pictures)
   _assert_calibrated_report(workdir)  # its images read from the pack, the folders being gone
   assert _names(f"{workdir}/checkpoints") == {"3", "6"}
+
+
+def test_prediction_rows_on_gcs_are_part_files_joined_at_the_end(gcs):
+  """Objects cannot be appended: each batch is a part file; a killed run's parts are read back
+  (resume), and the end of a run joins them into predictions.csv and deletes them."""
+  from dinomaly_jax.inference import prediction_csv  # pylint: disable=g-import-not-at-top
+  out = f"{RUN}/prediction_parts"
+  sink = prediction_csv.PredictionCsv(out, resume=True)
+  sink.append([{"image": "a.png", "decision": "normal"}])
+  sink.append([{"image": "b.png", "decision": "anomalous"}])
+  assert len(_names(f"{out}/{prediction_csv.PARTS}")) == 2  # two batches, two PUTs, no join yet
+  resumed = prediction_csv.PredictionCsv(out, resume=True)  # the first run was killed here
+  assert resumed.done == {"a.png", "b.png"} and resumed.skipped == 2
+  resumed.append([{"image": "c.png", "decision": "normal"}])
+  path = resumed.close()
+  rows = list(csv.DictReader(io.StringIO(epath.Path(path).read_text())))
+  assert [(r["image"], r["decision"]) for r in rows] == [("a.png", "normal"), ("b.png", "anomalous"),
+                                                         ("c.png", "normal")]
+  assert _names(out) == {prediction_csv.CSV_FILE}  # the parts are gone
+  assert prediction_csv.PredictionCsv(out, resume=True).done == {"a.png", "b.png", "c.png"}

@@ -127,7 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
   p.input = ""  # a folder or glob of images
   p.output = ""  # default: <workdir>/predictions
   p.save_maps = False  # also write each full-resolution anomaly map as <stem>_map.npy (float32)
-  p.class_name = ""  # threshold of this class; default: a class named in the path, else pooled
+  p.class_name = ""  # threshold of this class; default: predict.classes_csv, a class named in the path, else pooled
   p.classes_csv = ""  # a CSV of path,class rows naming each image's class (before the path rule)
   p.heatmaps = True  # write a heatmap PNG per image (False: scores and the CSV only, faster)
   p.resume = True  # skip images that already have a row in the output's predictions.csv
