@@ -36,7 +36,7 @@ GIB = 2**30
 def _compile_mode(root, workdir, *flags):
   return subprocess.run([sys.executable, "-m", "dinomaly_jax.main", f"--config=tests/tiny_config.py:{root}",
                          f"--workdir={workdir}", "--mode=compile", *flags], cwd=REPO, text=True,
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=600)
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=1800)
 
 
 @pytest.fixture(scope="module")

@@ -110,7 +110,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if _due(done, config.train.checkpoint_every) or is_last:
           checkpoint.save(mngr, done, state)
           last_good_checkpoint = done
-        if not is_last and stop.should_stop(done, at_log_step=is_log):
+        if stop.should_stop(done, at_log_step=is_log or is_last):  # a signal in the last step stops too
           _stop(stop, done, state, mngr, pending, writer, bar, guard, last_good_checkpoint, workdir)
         if _due(done, config.train.eval_every) and not is_last:
           mngr.wait_until_finished()
