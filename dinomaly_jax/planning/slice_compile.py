@@ -256,6 +256,14 @@ def _largest_batch(measure, per_chip: int, budget: float) -> Compiled | None:
       best = guess
       break
     upper = guess
+  if not best and b1 > 1 and upper > 1:  # the line says nothing fits below b1: it bends there
+    if not fits(1):
+      return None
+    c1, c_over = measure(1), measure(b1)  # from 1 image per chip (fits) to b1 (over the budget)
+    best = 1
+    guess = min(1 + int((budget - c1.total_bytes) * (b1 - 1) // (c_over.total_bytes - c1.total_bytes)), upper - 1)
+    if guess > 1 and fits(guess):
+      best = guess
   return measure(best) if best else None
 
 

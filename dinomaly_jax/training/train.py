@@ -91,7 +91,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             continue
         if _due(done, config.train.checkpoint_every) or is_last:
           loop.save_checkpoint()
-        if not is_last and stop.should_stop(done, at_log_step=is_log):
+        if stop.should_stop(done, at_log_step=is_log or is_last):  # a signal in the last step stops too
           loop.stop(stop)
         if _due(done, config.train.eval_every) and not is_last:
           mngr.wait_until_finished()
