@@ -10,12 +10,14 @@
 A fifth of each class's train/good is held out of training as the calibration split
 that sets the decision thresholds (config.data.calibration; `calibration=0` trains on
 all of them, or --config.data.calibration.folder=/data/normal_only for your own).
+Arguments: configs/folder.py:steps=5000,method=dinomaly2
 """
 from dinomaly_jax.config import defaults
 
 
 def get_config(arg=None):
-  a, c = defaults.dataset_config(arg, "folder", steps=10_000, calibration=0.2)
-  c.train.steps = a.steps  # also per class with `sep`
+  a, c = defaults.dataset_config(arg, "folder", steps=0, calibration=0.2)
+  if a.steps:  # 0: the method's (10,000; Dinomaly2 40,000); also per class with `sep`
+    c.train.steps = a.steps
   c.data.calibration.fraction = a.calibration
   return c

@@ -46,6 +46,13 @@ def base_config() -> ml_collections.ConfigDict:
   m.linear_attention_eps = 0.0  # deviation switch: eps in the linear-attention denominator
   m.mask_neighbor_size = 0  # 0 = off; n masks an n x n neighbourhood in decoder attention
   m.conv_decoder_kernel = 0  # 0 = transformer decoder; 3/5/7 = inverted-bottleneck conv decoder
+  # Dinomaly2 switches (configs' `method=dinomaly2` turns them on; each works alone):
+  # context-aware recentering: each encoder group's target is layer_norm(patches - class token)
+  # over the features (eps 1e-8, no affine); the decoder side is unchanged.
+  m.context_recentering = False
+  # > 0: the two-part bottleneck Linear(D -> this) + dropout, then Linear(-> ratio*D), GELU,
+  # dropout, Linear(-> D), dropout (no dropout on its input). 0 = Dinomaly's MLP. Dinomaly2: 256.
+  m.bottleneck_down_dim = 0
 
   # Encoder weights: a directory written by `python -m weight_conversion.convert`,
   # or an official DINOv2 .pth file (converted on the fly and cached). Empty = none:
@@ -85,6 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.b2 = 0.999
   t.eps = 1e-10
   t.amsgrad = True
+  t.lr_schedule = "warm_cosine"  # warm_cosine (warm-up, cosine to final_lr) | warmup_constant (Dinomaly2)
+  # > 0: a second learning rate for the bottleneck's first Linear (same schedule, scaled by
+  # bottleneck_first_lr / lr; a parameter group in torch terms). 0 = train.lr. Dinomaly2: 2e-4.
+  t.bottleneck_first_lr = 0.0
   t.clip_norm = 0.1
   t.loss_p_final = 0.9  # hard-mining ratio p = min(p_final * step / p_steps, p_final)
   t.loss_p_steps = 1000
@@ -127,6 +138,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.export = x = ml_collections.ConfigDict()
   x.platforms = ()  # e.g. ("cpu", "cuda", "tpu"); empty = the platform this runs on
   return c
+
+
+METHODS = ("dinomaly", "dinomaly2")
+LR_SCHEDULES = ("warm_cosine", "warmup_constant")  # train.lr_schedule (training/optim.make_schedule)
+DINOMALY2_STEPS = 40_000  # its multi-class iterations (batch 16, resize 448, crop 392 as Dinomaly)
+
+
+def set_method(c: ml_collections.ConfigDict, method: str) -> None:
+  """The config argument `method=`: "dinomaly" (the defaults) or "dinomaly2", which turns on
+  each Dinomaly2 switch with its value (steps are the caller's: see dataset_config)."""
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}.")
+  if method == "dinomaly":
+    return
+  c.model.context_recentering = True
+  c.model.bottleneck_down_dim = 256
+  c.model.bottleneck_dropout = 0.4
+  c.model.linear_attention_eps = 1e-8  # LinearAttention2(eps=1e-8); decoder LayerNorms are 1e-8 in both
+  c.train.amsgrad = False
+  c.train.lr_schedule = "warmup_constant"
+  c.train.bottleneck_first_lr = 2e-4
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -175,12 +207,13 @@ def dataset_config(arg: str | None, data_layout: str, *, multi_class_steps: int 
   """(parsed arguments, config) for a dataset config file.
 
   Arguments `vit=small|base|large|giant` (DINOv2), `encoder=NAME` (ENCODERS, e.g.
-  dinov3_vitb16; overrides vit) and `sep` (class-separated: 5,000 steps per class, the
-  protocol's; else `multi_class_steps`), plus `extra_args` with their defaults.
+  dinov3_vitb16; overrides vit), `sep` (class-separated: 5,000 steps per class, the
+  protocol's; else `multi_class_steps`), `method=dinomaly|dinomaly2` (set_method; Dinomaly2
+  trains DINOMALY2_STEPS multi-class, or `multi_class_steps` if more), plus `extra_args` with their defaults.
   Without `encoder=`, the register count (and without `vit=`, the DINOv2 size) is read
   from the encoder weights.
   """
-  a = parse_arg(arg, vit=AUTO_VIT, encoder="", sep=False, **extra_args)
+  a = parse_arg(arg, vit=AUTO_VIT, encoder="", sep=False, method="dinomaly", **extra_args)
   c = base_config()
   if a.encoder:
     set_encoder(c, a.encoder)
@@ -191,6 +224,9 @@ def dataset_config(arg: str | None, data_layout: str, *, multi_class_steps: int 
     c.model.registers = AUTO_REGISTERS
   c.data.layout = data_layout
   c.data.class_separated = a.sep
+  set_method(c, a.method)
+  if a.method == "dinomaly2":
+    multi_class_steps = max(multi_class_steps, DINOMALY2_STEPS)
   c.train.steps = 5_000 if a.sep else multi_class_steps
   return a, c
 

@@ -56,6 +56,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive_int(c, "model.bottleneck_ratio")
   _in_range(c, "model.bottleneck_dropout", 0.0, 1.0, hi_open=True)
   _in_range(c, "model.linear_attention_eps", 0.0, 1.0)
+  _check(isinstance(m.context_recentering, bool), "model.context_recentering", "true or false",
+         m.context_recentering)
+  _check(is_int(m.bottleneck_down_dim) and m.bottleneck_down_dim >= 0, "model.bottleneck_down_dim",
+         "an integer >= 0 (0 = Dinomaly's MLP; Dinomaly2: 256)", m.bottleneck_down_dim)
 
   d = c.data
   _one_of(c, "data.layout", LAYOUTS)
@@ -84,6 +88,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(t.warmup_steps < t.steps, "train.warmup_steps", f"< train.steps ({t.steps})", t.warmup_steps)
   _in_range(c, "train.lr", 1e-12, 10.0)
   _in_range(c, "train.final_lr", 0.0, t.lr)
+  _one_of(c, "train.lr_schedule", defaults.LR_SCHEDULES)
+  _in_range(c, "train.bottleneck_first_lr", 0.0, 10.0)
   _in_range(c, "train.weight_decay", 0.0, 1.0)
   _in_range(c, "train.b1", 0.0, 1.0, hi_open=True)
   _in_range(c, "train.b2", 0.0, 1.0, hi_open=True)

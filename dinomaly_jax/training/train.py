@@ -178,6 +178,7 @@ def _step_fn(model, config, mesh, lr_scale: float):
     config = copy.deepcopy(config)
     config.train.lr *= lr_scale
     config.train.final_lr *= lr_scale
+    config.train.bottleneck_first_lr *= lr_scale
   if config.data.cache_features:
     return feature_cache.make_cached_step(model, config, mesh)
   return train_step.make_train_step(model, config, mesh)

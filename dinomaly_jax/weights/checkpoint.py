@@ -40,6 +40,10 @@ def _as_plain(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json())
 
 
+_DINOMALY2_FIELDS = {"model.context_recentering": False, "model.bottleneck_down_dim": 0,
+                     "train.lr_schedule": "warm_cosine", "train.bottleneck_first_lr": 0.0}
+
+
 def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Refuses a work directory whose saved config differs in a field that matters."""
   path = storage.join(workdir, CONFIG_FILE)
@@ -48,6 +52,8 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
   saved = _flatten(json.loads(storage.read_text(path)))
   saved.setdefault("model.family", "dinov2")  # runs saved before DINOv3 support were DINOv2
   saved.setdefault("data.calibration.fraction", 0.0)  # runs saved before the calibration split
+  for field, value in _DINOMALY2_FIELDS.items():  # runs saved before the Dinomaly2 switches
+    saved.setdefault(field, value)
   now = _flatten(_as_plain(config))
   diffs = [f"  config.{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
            for k in sorted(set(saved) | set(now))
