@@ -12,10 +12,11 @@ from dinomaly_jax.config import defaults
 
 
 def get_config(arg=None):
-  a = defaults.parse_arg(arg, steps=200, crop=112, encoder="", method="dinomaly")
+  a = defaults.parse_arg(arg, steps=200, crop=112, encoder="", method="dinomaly", shots=0)
   c = defaults.base_config()
   defaults.select_encoder(c, "small", a.encoder)
   defaults.set_method(c, a.method)
+  c.data.shots = a.shots
   c.random_encoder = True
   c.data.synthetic = True
   c.data.layout = "mvtec"

@@ -10,7 +10,7 @@
 A fifth of each class's train/good is held out of training as the calibration split
 that sets the decision thresholds (config.data.calibration; `calibration=0` trains on
 all of them, or --config.data.calibration.folder=/data/normal_only for your own).
-Arguments: configs/folder.py:steps=5000,method=dinomaly2
+Arguments: configs/folder.py:steps=5000,method=dinomaly2,shots=8
 """
 from dinomaly_jax.config import defaults
 

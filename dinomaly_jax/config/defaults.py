@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
   d.synthetic = False  # True: generate the demo dataset into <workdir>/demo_data and use it
   d.classes = ()  # empty = all classes found under root
   d.class_separated = False  # True: one model per class (5,000 steps each)
+  # Few-shot: > 0 trains on this many normal images per class, drawn with config.seed; the
+  # chosen files are written to <workdir>/shots.json and reused when the run continues.
+  d.shots = 0
   d.resize = 448
   d.crop = 392
   d.mask_size = 256
@@ -209,11 +212,12 @@ def dataset_config(arg: str | None, data_layout: str, *, multi_class_steps: int 
   Arguments `vit=small|base|large|giant` (DINOv2), `encoder=NAME` (ENCODERS, e.g.
   dinov3_vitb16; overrides vit), `sep` (class-separated: 5,000 steps per class, the
   protocol's; else `multi_class_steps`), `method=dinomaly|dinomaly2` (set_method; Dinomaly2
-  trains DINOMALY2_STEPS multi-class, or `multi_class_steps` if more), plus `extra_args` with their defaults.
+  trains DINOMALY2_STEPS multi-class, or `multi_class_steps` if more) and `shots=K` (few-shot:
+  K training images per class, data.shots), plus `extra_args` with their defaults.
   Without `encoder=`, the register count (and without `vit=`, the DINOv2 size) is read
   from the encoder weights.
   """
-  a = parse_arg(arg, vit=AUTO_VIT, encoder="", sep=False, method="dinomaly", **extra_args)
+  a = parse_arg(arg, vit=AUTO_VIT, encoder="", sep=False, method="dinomaly", shots=0, **extra_args)
   c = base_config()
   if a.encoder:
     set_encoder(c, a.encoder)
@@ -224,6 +228,7 @@ def dataset_config(arg: str | None, data_layout: str, *, multi_class_steps: int 
     c.model.registers = AUTO_REGISTERS
   c.data.layout = data_layout
   c.data.class_separated = a.sep
+  c.data.shots = a.shots
   set_method(c, a.method)
   if a.method == "dinomaly2":
     multi_class_steps = max(multi_class_steps, DINOMALY2_STEPS)

@@ -73,6 +73,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive_int(c, "data.mask_size")
   _check(is_int(d.workers) and d.workers >= 0, "data.workers", "an integer >= 0", d.workers)
   _in_range(c, "data.calibration.fraction", 0.0, 0.9)
+  _check(is_int(d.shots) and d.shots >= 0, "data.shots", "an integer >= 0 (0 = every training image)",
+         d.shots)
+  _check(not (d.shots and d.packed), "data.shots", "0 with data.packed (few-shot reads the folders)",
+         d.shots)
   _check(isinstance(d.calibration.folder, str), "data.calibration.folder", "a folder path", d.calibration.folder)
   _check(not (d.calibration.folder and d.calibration.fraction), "data.calibration.folder",
          "empty when data.calibration.fraction > 0 (one calibration source)", d.calibration.folder)

@@ -9,6 +9,7 @@ import ml_collections
 from tqdm import tqdm
 
 from dinomaly_jax import sharding
+from dinomaly_jax.data import few_shot
 from dinomaly_jax.data import index as data_index
 from dinomaly_jax.data import pipeline
 from dinomaly_jax.errors import Interrupted
@@ -30,11 +31,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpoint.check_compatible(workdir, config)
   records = data_index.build_records(config.data, "train")
   test_records = data_index.build_records(config.data, "test")  # fail early on bad test data
-  preflight.check_training(config, len(records))
+  preflight.check_training(config, few_shot.count(records, config.data.shots, config.seed))
   mesh = sharding.make_mesh()
   model, state, _ = model_state.build(config)
   fingerprint = model_state.check_encoder(config, workdir, state)
   checkpoint.save_config(workdir, config)  # every check passed: the work directory starts here
+  records = few_shot.select(records, config.data.shots, config.seed, workdir)  # <workdir>/shots.json
   checkpoint.save_encoder(workdir, fingerprint, model_state.encoder_source(config))
   state = sharding.replicate(state, mesh)
   mngr = checkpoint.manager(workdir, config)
