@@ -17,6 +17,7 @@ def get_config(arg=None):
   defaults.select_encoder(c, "small", a.encoder)
   defaults.set_method(c, a.method)
   c.data.shots = a.shots
+  c.data.augment = a.method == "dinomaly2" and a.shots > 0  # Dinomaly2 few-shot's augmentation
   c.random_encoder = True
   c.data.synthetic = True
   c.data.layout = "mvtec"

@@ -203,3 +203,57 @@ def test_dinomaly2_train_step_learns_on_demo_data(tmp_path):
     losses.append(float(metrics["loss"]))
   assert np.isfinite(losses).all()
   assert np.mean(losses[-3:]) < 0.6 * losses[0], losses
+
+
+def _dihedral(x):
+  """The 8 rotations / flips of an (h, w, c) array."""
+  for k in range(4):
+    r = np.rot90(x, k)
+    yield r
+    yield r[:, ::-1]
+
+
+def test_fewshot_augmentation_is_a_window_under_a_dihedral_transform():
+  """Each output is, up to the ImageNet normalisation, a crop x crop window of the resized
+  image turned by one of the 8 rotations/flips (found by brute force); over many draws every
+  rotation and flip occurs and the window moves."""
+  size, crop = 16, 12
+  resized = np.random.default_rng(5).integers(0, 256, (size, size, 3), dtype=np.uint8)
+  found = set()
+  for seed in range(40):
+    out = transforms.augment_crop(resized, crop, np.random.default_rng(seed))
+    assert out.shape == (crop, crop, 3) and out.dtype == np.float32
+    pixels = np.rint((out * transforms.IMAGENET_STD + transforms.IMAGENET_MEAN) * 255)
+    matches = [(t, top, left) for t, turned in enumerate(_dihedral(resized))
+               for top in range(size - crop + 1) for left in range(size - crop + 1)
+               if np.array_equal(turned[top:top + crop, left:left + crop], pixels)]
+    if matches:  # ratio rounds to a crop x crop window: no resize, an exact window
+      found.update(matches)
+  transforms_seen = {t for t, _, _ in found}
+  offsets_seen = {(top, left) for _, top, left in found}
+  assert len(transforms_seen) == 8 and len(offsets_seen) > 5, (transforms_seen, offsets_seen)
+
+
+def test_augmented_batches_repeat_and_resume(tmp_path):
+  from dinomaly_jax.data import index as data_index
+  from dinomaly_jax.data import pipeline
+  config = _demo_config("method=dinomaly2,shots=4,crop=56")
+  assert config.data.augment and config.data.shots == 4
+  assert not _demo_config("method=dinomaly2,crop=56").data.augment
+  assert not importlib.import_module("configs.mvtec").get_config("shots=4").data.augment
+  synthetic.generate(str(tmp_path), seed=0, classes=("brick",), image_size=64, n_train=8,
+                     n_test_good=1, n_test_bad=1)
+  config.data.root, config.data.workers = str(tmp_path), 0
+  records = data_index.build_records(config.data, "train")
+  batches = lambda start, seed=0: pipeline.train_iterator(records, config.data, batch_size=4, seed=seed,
+                                                         workers=0, start_step=start)
+  first = [next(it)["image"] for it in [batches(0)] for _ in range(3)]
+  again = batches(0)
+  for expected in first:
+    np.testing.assert_array_equal(next(again)["image"], expected)
+  np.testing.assert_array_equal(next(batches(2))["image"], first[2])  # resume at step 2
+  plain = dict(config.data)
+  config.data.augment = False
+  centre = next(pipeline.train_iterator(records, config.data, batch_size=4, seed=0, workers=0))["image"]
+  config.data.augment = plain["augment"]
+  assert not np.allclose(first[0], centre)  # the same images, augmented

@@ -70,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Few-shot: > 0 trains on this many normal images per class, drawn with config.seed; the
   # chosen files are written to <workdir>/shots.json and reused when the run continues.
   d.shots = 0
+  # Dinomaly2 few-shot's training augmentation (`method=dinomaly2,shots=K` turns it on): a random
+  # window of the crop's area (aspect 0.95-1.05) instead of the centre crop, a random multiple of
+  # 90 degrees, horizontal and vertical flips. Off: training images as evaluation sees them.
+  d.augment = False
   d.resize = 448
   d.crop = 392
   d.mask_size = 256
@@ -230,6 +234,7 @@ def dataset_config(arg: str | None, data_layout: str, *, multi_class_steps: int 
   c.data.class_separated = a.sep
   c.data.shots = a.shots
   set_method(c, a.method)
+  c.data.augment = a.method == "dinomaly2" and a.shots > 0  # its few-shot script's augmentation
   if a.method == "dinomaly2":
     multi_class_steps = max(multi_class_steps, DINOMALY2_STEPS)
   c.train.steps = 5_000 if a.sep else multi_class_steps

@@ -77,6 +77,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
          d.shots)
   _check(not (d.shots and d.packed), "data.shots", "0 with data.packed (few-shot reads the folders)",
          d.shots)
+  _check(isinstance(d.augment, bool), "data.augment", "true or false", d.augment)
+  _check(not (d.augment and d.cache_features), "data.augment",
+         "false with data.cache_features (cached features are of unaugmented images)", d.augment)
   _check(isinstance(d.calibration.folder, str), "data.calibration.folder", "a folder path", d.calibration.folder)
   _check(not (d.calibration.folder and d.calibration.fraction), "data.calibration.folder",
          "empty when data.calibration.fraction > 0 (one calibration source)", d.calibration.folder)

@@ -42,7 +42,7 @@ def _as_plain(config: ml_collections.ConfigDict) -> dict:
 
 _DINOMALY2_FIELDS = {"model.context_recentering": False, "model.bottleneck_down_dim": 0,
                      "train.lr_schedule": "warm_cosine", "train.bottleneck_first_lr": 0.0,
-                     "data.shots": 0}
+                     "data.shots": 0, "data.augment": False}
 
 
 def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
