@@ -18,7 +18,7 @@ from dinomaly_jax.config import defaults
 from dinomaly_jax.config import saved
 
 VERBOSE_ENV = "DINOMALY_JAX_VERBOSE"
-SAVED_CONFIG_MODES = ("eval", "predict", "export")  # they always use the saved config
+SAVED_CONFIG_MODES = ("eval", "predict", "export", "submit")  # they always use the saved config
 _SAVED_LOADER = os.path.abspath(saved.__file__)
 
 

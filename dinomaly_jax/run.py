@@ -21,6 +21,7 @@ from dinomaly_jax.evaluation import html_report
 from dinomaly_jax.evaluation import report
 from dinomaly_jax.inference import export
 from dinomaly_jax.inference import predict
+from dinomaly_jax.inference import submission
 from dinomaly_jax.training import model_state
 from dinomaly_jax.training import preflight
 from dinomaly_jax.training import train
@@ -43,12 +44,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.data.class_separated:
       return _per_class(config, workdir, evaluate_workdir)
     return evaluate_workdir(config, workdir)
-  if config.mode in ("predict", "export") and jax.process_count() > 1:
+  if config.mode in ("predict", "export", "submit") and jax.process_count() > 1:
     raise ConfigError(
         f"config.mode={config.mode!r} runs on one process; start it without the multi-host "
         "environment (it uses this host's devices).")
   if config.mode == "predict":
     return predict.predict(config, workdir)
+  if config.mode == "submit":
+    return submission.write_submission(config, workdir)
   return export.export(config, workdir)
 
 

@@ -23,7 +23,7 @@ VIT_TARGET_LAYERS = {
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.mode = "train"  # train | eval | predict | export
+  c.mode = "train"  # train | eval | predict | export | submit (MVTec AD 2's evaluation-server files)
   c.seed = 0
 
   # --- Model -----------------------------------------------------------------
@@ -62,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Data ------------------------------------------------------------------
   c.data = d = ml_collections.ConfigDict()
-  d.layout = "mvtec"  # mvtec | visa | realiad | folder
+  d.layout = "mvtec"  # mvtec | mpdd | btad | visa | realiad | folder | mvtec_ad2
   d.root = ""
   d.synthetic = False  # True: generate the demo dataset into <workdir>/demo_data and use it
   d.classes = ()  # empty = all classes found under root
@@ -140,6 +140,9 @@ def base_config() -> ml_collections.ConfigDict:
   p.output = ""  # default: <workdir>/predictions
   p.save_maps = False  # also write each full-resolution anomaly map as <stem>_map.npy (float32)
   p.class_name = ""  # threshold of this class; default: a class named in the path, else pooled
+  # --mode=submit (data.layout mvtec_ad2): the unlabelled test splits written in the layout its
+  # evaluation server expects, into predict.output (default <workdir>/submission)
+  p.submission_splits = ("test_private", "test_private_mixed")
 
   # --- Export ----------------------------------------------------------------------
   c.export = x = ml_collections.ConfigDict()

@@ -2,13 +2,14 @@
 import ml_collections
 
 from dinomaly_jax.config import defaults
+from dinomaly_jax.data.mvtec_ad2 import UNLABELLED_SPLITS
 from dinomaly_jax.errors import ConfigError
 from dinomaly_jax.models import dinomaly
 from dinomaly_jax.models import encoders
 from dinomaly_jax.models.structure import is_int
 
-MODES = ("train", "eval", "predict", "export")
-LAYOUTS = ("mvtec", "mpdd", "btad", "visa", "realiad", "folder")
+MODES = ("train", "eval", "predict", "export", "submit")
+LAYOUTS = ("mvtec", "mpdd", "btad", "visa", "realiad", "folder", "mvtec_ad2")
 
 
 def _check(ok: bool, field: str, expected: str, value) -> None:
@@ -124,3 +125,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(is_int(e.pictures_per_class) and e.pictures_per_class >= 0, "eval.pictures_per_class",
          "an integer >= 0", e.pictures_per_class)
   _in_range(c, "eval.target_fpr", 1e-6, 0.5)
+  splits = c.predict.submission_splits
+  _check(isinstance(splits, (tuple, list)) and bool(splits) and all(s in UNLABELLED_SPLITS for s in splits),
+         "predict.submission_splits", f"some of {list(UNLABELLED_SPLITS)}", splits)

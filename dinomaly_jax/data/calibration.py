@@ -4,7 +4,8 @@ Two sources (config.data.calibration): `fraction` holds that share of each class
 training images out of training (a fixed choice per class and set of files, independent
 of the seed and of the file order), or `folder` names normal images of your own, `<folder>/<class>/*.png`
 (for a single-class folder dataset the images may sit in `<folder>` itself).
-Both off: no calibration split (the protocol trains on all of train/good).
+Both off: no calibration split (the protocol trains on all of train/good), except for MVTec
+AD 2, which ships one (validation/good): its layout's split is the default there.
 """
 import os
 import zlib
@@ -17,9 +18,18 @@ from dinomaly_jax.data.records import Record
 from dinomaly_jax.errors import DataError
 
 
+LAYOUT_SPLITS = {"mvtec_ad2": "validation/good"}  # layouts that ship a calibration split
+
+
+def layout_split(data_config) -> str:
+  """The layout's own calibration split when neither source is configured, else ""."""
+  c = data_config.calibration
+  return "" if c.folder or c.fraction > 0 else LAYOUT_SPLITS.get(data_config.layout, "")
+
+
 def enabled(data_config) -> bool:
   c = data_config.calibration
-  return bool(c.folder) or c.fraction > 0
+  return bool(c.folder) or c.fraction > 0 or bool(layout_split(data_config))
 
 
 def describe(data_config) -> str:
@@ -27,6 +37,8 @@ def describe(data_config) -> str:
   c = data_config.calibration
   if c.folder:
     return f"folder {c.folder}"
+  if layout_split(data_config):
+    return f"the dataset's {layout_split(data_config)}"
   return f"{c.fraction:g} of train/good held out" if c.fraction > 0 else "off"
 
 

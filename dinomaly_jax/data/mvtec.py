@@ -25,7 +25,7 @@ def check_root(root: str) -> None:
     raise DataError(f"{root}: dataset root folder not found.")
 
 
-def _subdirs(folder: str) -> list[str]:
+def subdirs(folder: str) -> list[str]:
   return sorted(d for d in os.listdir(folder)
                 if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
 
@@ -58,7 +58,7 @@ def non_images(folder: str) -> list[str]:
 def ignored_paths(root: str, classes: list[str]) -> list[str]:
   """What the index skips, for one warning: folders of `root` without any image (not
   classes) and the non-image files of the class folders."""
-  empty = [os.path.join(root, d) + os.sep for d in _subdirs(root)
+  empty = [os.path.join(root, d) + os.sep for d in subdirs(root)
            if d not in classes and not any(map(_is_image, _files_under(os.path.join(root, d))))]
   return empty + [f for c in classes for f in non_images(os.path.join(root, c))]
 
@@ -66,7 +66,7 @@ def ignored_paths(root: str, classes: list[str]) -> list[str]:
 def list_classes(root: str) -> list[str]:
   """Class folders of root: those holding a train/ or test/ folder and at least one image."""
   check_root(root)
-  classes = [d for d in _subdirs(root)
+  classes = [d for d in subdirs(root)
              if any(os.path.isdir(os.path.join(root, d, s)) for s in SPLITS)
              and any(map(_is_image, _files_under(os.path.join(root, d))))]
   if not classes:
@@ -111,7 +111,7 @@ def _check_orphan_masks(class_dir: str, defects: list[str]) -> None:
   gt_root = os.path.join(class_dir, "ground_truth")
   if not os.path.isdir(gt_root):
     return
-  for d in _subdirs(gt_root):
+  for d in subdirs(gt_root):
     masks = list_images(os.path.join(gt_root, d))
     if d not in defects and masks:
       raise DataError(f"{masks[0]}: mask without an image; expected a test folder "
@@ -139,7 +139,7 @@ def class_records(root: str, class_name: str, split: str, *,
     raise DataError(f"{split_dir}: test folder not found; expected test/good and "
                     "test/<defect type> folders.")
   records = []
-  defects = [d for d in _subdirs(split_dir) if d not in NORMAL_DIRS]
+  defects = [d for d in subdirs(split_dir) if d not in NORMAL_DIRS]
   if normal is not None:
     records += [Record(p, class_name, 0, GOOD, None)
                 for p in list_images(os.path.join(split_dir, normal))]
