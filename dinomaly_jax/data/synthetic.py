@@ -201,13 +201,8 @@ def _sample(name, rng, size, kind=None):
   return _object(name, rng, size, kind)
 
 
-def generate(root: str, *, seed: int = 0, classes=DEFAULT_CLASSES, image_size: int = 256,
-             n_train: int = 30, n_test_good: int = 10, n_test_bad: int = 12) -> str:
-  """Writes the dataset under root (MVTec-AD layout) and returns root.
-
-  The defective test images cycle through the class's defect types; masks are
-  ground_truth/<type>/<stem>_mask.png with values 0 and 255.
-  """
+def _saver(root: str, classes):
+  """Checks the class names; save(array, *parts) writes a PNG under root."""
   unknown = [c for c in classes if c not in CLASSES]
   if unknown:
     raise ValueError(f"Unknown synthetic classes {unknown}; expected some of {list(CLASSES)}.")
@@ -217,6 +212,17 @@ def generate(root: str, *, seed: int = 0, classes=DEFAULT_CLASSES, image_size: i
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(array).save(path)
 
+  return save
+
+
+def generate(root: str, *, seed: int = 0, classes=DEFAULT_CLASSES, image_size: int = 256,
+             n_train: int = 30, n_test_good: int = 10, n_test_bad: int = 12) -> str:
+  """Writes the dataset under root (MVTec-AD layout) and returns root.
+
+  The defective test images cycle through the class's defect types; masks are
+  ground_truth/<type>/<stem>_mask.png with values 0 and 255.
+  """
+  save = _saver(root, classes)
   for name in classes:
     c = CLASSES.index(name)
     for i in range(n_train):
@@ -242,11 +248,7 @@ def generate_mvtec_ad2(root: str, *, seed: int = 0, classes=DEFAULT_CLASSES, ima
   test_public/ground_truth/bad/<stem>_mask.png, and the unlabelled test_private
   (<i>_regular.png) and test_private_mixed (<i>_mixed.png, defective and normal mixed).
   """
-  def save(array, *parts):
-    path = os.path.join(root, *parts)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(array).save(path)
-
+  save = _saver(root, classes)
   for name in classes:
     c = CLASSES.index(name)
     normal = lambda split, i: _sample(name, np.random.default_rng([seed, c, split, i]), image_size)[0]
