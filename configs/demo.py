@@ -5,15 +5,19 @@
 The encoder has RANDOM weights (no DINOv2 download is needed), so the numbers show
 that the pipeline works, not what Dinomaly reaches with DINOv2 (see README).
 `configs/demo.py:encoder=dinov3_vits16` runs it with a random DINOv3 ViT-S/16
-(the crop must then be a multiple of 16; 112 is).
+(the crop must then be a multiple of 16; 112 is). `configs/demo.py:method=dinomaly2`
+runs Dinomaly2 (its switches; the demo's steps, batch and warm-up).
 """
 from dinomaly_jax.config import defaults
 
 
 def get_config(arg=None):
-  a = defaults.parse_arg(arg, steps=200, crop=112, encoder="")
+  a = defaults.parse_arg(arg, steps=200, crop=112, encoder="", method="dinomaly", shots=0)
   c = defaults.base_config()
   defaults.select_encoder(c, "small", a.encoder)
+  defaults.set_method(c, a.method)
+  c.data.shots = a.shots
+  c.data.augment = a.method == "dinomaly2" and a.shots > 0  # Dinomaly2 few-shot's augmentation
   c.random_encoder = True
   c.data.synthetic = True
   c.data.layout = "mvtec"

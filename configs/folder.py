@@ -12,12 +12,14 @@ that sets the decision thresholds (config.data.calibration; `calibration=0` trai
 all of them, or --config.data.calibration.folder=/data/normal_only for your own).
 Short runs: the warm-up is min(100, train.steps // 10) steps, also after
 --config.train.steps=40 (4 steps); --config.train.warmup_steps=N sets it yourself.
+Arguments: configs/folder.py:steps=5000,method=dinomaly2,shots=8
 """
 from dinomaly_jax.config import defaults
 
 
 def get_config(arg=None):
-  a, c = defaults.dataset_config(arg, "folder", steps=10_000, calibration=0.2)
-  c.train.steps = a.steps  # also per class with `sep`
+  a, c = defaults.dataset_config(arg, "folder", steps=0, calibration=0.2)
+  if a.steps:  # 0: the method's (10,000; Dinomaly2 40,000); also per class with `sep`
+    c.train.steps = a.steps
   c.data.calibration.fraction = a.calibration
   return c

@@ -18,13 +18,15 @@ from dinomaly_jax.config import defaults
 from dinomaly_jax.config import saved
 
 VERBOSE_ENV = "DINOMALY_JAX_VERBOSE"
-SAVED_CONFIG_MODES = ("eval", "predict", "export")  # they always use the saved config
+SAVED_CONFIG_MODES = ("eval", "predict", "export", "submit")  # they always use the saved config
 HELP_FLAGS = ("-h", "--help", "--helpshort", "-?", "--helpfull")
 MODES = (
     ("train", "train in --workdir (or resume its latest checkpoint), then evaluate (the default)"),
     ("eval", "evaluate the latest checkpoint of --workdir: reports, thresholds, pictures in <workdir>/eval"),
     ("predict", "score new images (--config.predict.input=FOLDER_OR_GLOB): heatmaps, predictions.csv"),
-    ("export", "write <workdir>/export: the inference function (jax.export), params.npz, export_info.json"),
+    ("export", "write <workdir>/export: the inference function (jax.export, ONNX or OpenVINO), export_info.json"),
+    ("submit", "MVTec AD 2: the unlabelled test splits as the evaluation server's files"),
+    ("compile", "compile for a TPU slice on this machine (--config.compile.topology=v5e:2x2): memory, FLOPs"),
 )
 # The fields a first run sets or looks at, with what they mean (--helpfull lists every field).
 MAIN_FIELDS = (

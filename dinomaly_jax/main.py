@@ -25,7 +25,7 @@ from dinomaly_jax import platforms
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py[:args]); default: <workdir>/config.json.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory: checkpoints, logs, reports.")
-_MODE = flags.DEFINE_enum("mode", None, ["train", "eval", "predict", "export", "compile"],
+_MODE = flags.DEFINE_enum("mode", None, ["train", "eval", "predict", "export", "compile", "submit"],
                           "Overrides config.mode.")
 flags.DEFINE_bool("verbose", False, f"Show tracebacks of errors (or set ${command_line.VERBOSE_ENV}=1).")
 flags.mark_flags_as_required(["workdir"])

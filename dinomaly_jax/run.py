@@ -21,6 +21,7 @@ from dinomaly_jax.evaluation import report
 from dinomaly_jax.inference import export
 from dinomaly_jax.inference import predict
 from dinomaly_jax.planning import slice_compile
+from dinomaly_jax.inference import submission
 from dinomaly_jax.training import model_state
 from dinomaly_jax.training import train
 from dinomaly_jax.weights import encoder_weights
@@ -46,12 +47,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.data.class_separated:
       return _per_class(config, workdir, evaluate_workdir)
     return evaluate_workdir(config, workdir)
-  if config.mode == "predict" and jax.process_count() > 1:
+  if config.mode in ("predict", "submit") and jax.process_count() > 1:
     raise ConfigError(
-        "config.mode='predict' runs on one process; start it without the multi-host "
+        f"config.mode={config.mode!r} runs on one process; start it without the multi-host "
         "environment (it uses this host's devices).")
   if config.mode == "predict":
     return predict.predict(config, workdir)
+  if config.mode == "submit":
+    return submission.write_submission(config, workdir)
   return export.export(config, workdir)
 
 

@@ -1,5 +1,6 @@
 """Trained reference ViTill state dict -> Dinomaly params, tensor by tensor."""
 import functools
+import math
 import re
 
 from dinov2.layers.block import Block as TorchDinoBlock
@@ -153,3 +154,48 @@ def test_convert_entry_point_uses_it():
   tree, meta = weights_convert.convert_state_dict(state)
   assert meta["source_format"] == "dinomaly-vitill"
   np.testing.assert_array_equal(tree["bottleneck"]["fc2"]["bias"], state["bottleneck.0.fc2.bias"].numpy())
+
+
+DOWN = 16
+
+
+def _dinomaly2_state_dict():
+  """A Dinomaly2 state dict: the ViTill one with its two-part bottleneck
+  (bottleneck.0 = Sequential(Linear(D, 256), Dropout), bottleneck.1 = Sequential(Linear(256, 4D),
+  GELU, Dropout, Linear(4D, D), Dropout)), here with a first width of 16."""
+  state, _ = _vitill_state_dict()
+  state = {k: v for k, v in state.items() if not k.startswith("bottleneck.")}
+  bottleneck = torch.nn.ModuleList([
+      torch.nn.Sequential(torch.nn.Linear(D, DOWN), torch.nn.Dropout(0.4)),
+      torch.nn.Sequential(torch.nn.Linear(DOWN, 4 * D), torch.nn.GELU(), torch.nn.Dropout(0.4),
+                          torch.nn.Linear(4 * D, D), torch.nn.Dropout(0.4))])
+  state.update({f"bottleneck.{k}": v for k, v in _randomised(bottleneck).items()})
+  return state
+
+
+def test_dinomaly2_keys_land_and_compute_the_two_part_bottleneck():
+  state = _dinomaly2_state_dict()
+  assert sorted(k for k in state if k.startswith("bottleneck.")) == [
+      "bottleneck.0.0.bias", "bottleneck.0.0.weight", "bottleneck.1.0.bias", "bottleneck.1.0.weight",
+      "bottleneck.1.3.bias", "bottleneck.1.3.weight"]
+  params = convert_vitill(state)
+  for key, name in (("0.0", "down"), ("1.0", "fc1"), ("1.3", "fc2")):
+    np.testing.assert_array_equal(params["bottleneck"][name]["kernel"],
+                                  state[f"bottleneck.{key}.weight"].numpy().T)
+    np.testing.assert_array_equal(params["bottleneck"][name]["bias"], state[f"bottleneck.{key}.bias"].numpy())
+  np.testing.assert_array_equal(params["decoder"]["blocks_2"]["attn"]["qkv"]["kernel"],
+                                state["decoder.2.attn.qkv.weight"].numpy().T)
+  x = np.random.default_rng(0).standard_normal((2, 5, D))
+  w = {k: state[f"bottleneck.{k}"].numpy().astype(np.float64) for k in
+       ("0.0.weight", "0.0.bias", "1.0.weight", "1.0.bias", "1.3.weight", "1.3.bias")}
+  h = (x @ w["0.0.weight"].T + w["0.0.bias"]) @ w["1.0.weight"].T + w["1.0.bias"]  # torch Linear: x W^T + b
+  h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))
+  expected = h @ w["1.3.weight"].T + w["1.3.bias"]
+  ours = dec.TwoPartBottleneck(down_dim=DOWN).apply({"params": params["bottleneck"]},
+                                                    x.astype(np.float32), train=False)
+  np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-5, rtol=1e-5)
+  tree, meta = weights_convert.convert_state_dict(state)
+  assert (meta["source_format"], meta["bottleneck_down_dim"]) == ("dinomaly2", DOWN)
+  del state["bottleneck.1.3.bias"]
+  with pytest.raises(CheckpointError, match=r"(?s)Dinomaly2 state dict .*missing bottleneck.1.3.bias"):
+    convert_vitill(state)

@@ -23,7 +23,7 @@ VIT_TARGET_LAYERS = {
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.mode = "train"  # train | eval | predict | export | compile
+  c.mode = "train"  # train | eval | predict | export | compile | submit (MVTec AD 2's evaluation-server files)
   c.seed = 0
 
   # --- Model -----------------------------------------------------------------
@@ -46,6 +46,13 @@ def base_config() -> ml_collections.ConfigDict:
   m.linear_attention_eps = 0.0  # deviation switch: eps in the linear-attention denominator
   m.mask_neighbor_size = 0  # 0 = off; n masks an n x n neighbourhood in decoder attention
   m.conv_decoder_kernel = 0  # 0 = transformer decoder; 3/5/7 = inverted-bottleneck conv decoder
+  # Dinomaly2 switches (configs' `method=dinomaly2` turns them on; each works alone):
+  # context-aware recentering: each encoder group's target is layer_norm(patches - class token)
+  # over the features (eps 1e-8, no affine); the decoder side is unchanged.
+  m.context_recentering = False
+  # > 0: the two-part bottleneck Linear(D -> this) + dropout, then Linear(-> ratio*D), GELU,
+  # dropout, Linear(-> D), dropout (no dropout on its input). 0 = Dinomaly's MLP. Dinomaly2: 256.
+  m.bottleneck_down_dim = 0
 
   # Encoder weights: a directory written by `python -m weight_conversion.convert`,
   # or an official DINOv2 .pth file (converted on the fly and cached). Empty = none:
@@ -59,11 +66,18 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- Data ------------------------------------------------------------------
   c.data = d = ml_collections.ConfigDict()
-  d.layout = "mvtec"  # mvtec | visa | realiad | folder
+  d.layout = "mvtec"  # mvtec | mpdd | btad | visa | realiad | folder | mvtec_ad2
   d.root = ""
   d.synthetic = False  # True: generate the demo dataset into <workdir>/demo_data and use it
   d.classes = ()  # empty = all classes found under root
   d.class_separated = False  # True: one model per class (5,000 steps each)
+  # Few-shot: > 0 trains on this many normal images per class, drawn with config.seed; the
+  # chosen files are written to <workdir>/shots.json and reused when the run continues.
+  d.shots = 0
+  # Dinomaly2 few-shot's training augmentation (`method=dinomaly2,shots=K` turns it on): a random
+  # window of the crop's area (aspect 0.95-1.05) instead of the centre crop, a random multiple of
+  # 90 degrees, horizontal and vertical flips. Off: training images as evaluation sees them.
+  d.augment = False
   d.resize = 448
   d.crop = 392
   d.mask_size = 256
@@ -91,6 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.b2 = 0.999
   t.eps = 1e-10
   t.amsgrad = True
+  t.lr_schedule = "warm_cosine"  # warm_cosine (warm-up, cosine to final_lr) | warmup_constant (Dinomaly2)
+  # > 0: a second learning rate for the bottleneck's first Linear (same schedule, scaled by
+  # bottleneck_first_lr / lr; a parameter group in torch terms). 0 = train.lr. Dinomaly2: 2e-4.
+  t.bottleneck_first_lr = 0.0
   t.clip_norm = 0.1
   t.loss_p_final = 0.9  # hard-mining ratio p = min(p_final * step / p_steps, p_final)
   t.loss_p_steps = 1000
@@ -131,6 +149,9 @@ def base_config() -> ml_collections.ConfigDict:
   p.classes_csv = ""  # a CSV of path,class rows naming each image's class (before the path rule)
   p.heatmaps = True  # write a heatmap PNG per image (False: scores and the CSV only, faster)
   p.resume = True  # skip images that already have a row in the output's predictions.csv
+  # --mode=submit (data.layout mvtec_ad2): the unlabelled test splits written in the layout its
+  # evaluation server expects, into predict.output (default <workdir>/submission)
+  p.submission_splits = ("test_private", "test_private_mixed")
 
   # --- Export ----------------------------------------------------------------------
   c.export = x = ml_collections.ConfigDict()
@@ -147,6 +168,27 @@ def base_config() -> ml_collections.ConfigDict:
   k.find_largest_batch = True  # also find the largest global batch that fits (2-4 compiles each)
   k.max_memory_gib = 0.0  # memory per chip a batch may use (e.g. to keep headroom); 0 = the chip's HBM
   return c
+
+
+METHODS = ("dinomaly", "dinomaly2")
+LR_SCHEDULES = ("warm_cosine", "warmup_constant")  # train.lr_schedule (training/optim.make_schedule)
+DINOMALY2_STEPS = 40_000  # its multi-class iterations (batch 16, resize 448, crop 392 as Dinomaly)
+
+
+def set_method(c: ml_collections.ConfigDict, method: str) -> None:
+  """The config argument `method=`: "dinomaly" (the defaults) or "dinomaly2", which turns on
+  each Dinomaly2 switch with its value (steps are the caller's: see dataset_config)."""
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}.")
+  if method == "dinomaly":
+    return
+  c.model.context_recentering = True
+  c.model.bottleneck_down_dim = 256
+  c.model.bottleneck_dropout = 0.4
+  c.model.linear_attention_eps = 1e-8  # LinearAttention2(eps=1e-8); decoder LayerNorms are 1e-8 in both
+  c.train.amsgrad = False
+  c.train.lr_schedule = "warmup_constant"
+  c.train.bottleneck_first_lr = 2e-4
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -195,12 +237,14 @@ def dataset_config(arg: str | None, data_layout: str, *, multi_class_steps: int 
   """(parsed arguments, config) for a dataset config file.
 
   Arguments `vit=small|base|large|giant` (DINOv2), `encoder=NAME` (ENCODERS, e.g.
-  dinov3_vitb16; overrides vit) and `sep` (class-separated: 5,000 steps per class, the
-  protocol's; else `multi_class_steps`), plus `extra_args` with their defaults.
+  dinov3_vitb16; overrides vit), `sep` (class-separated: 5,000 steps per class, the
+  protocol's; else `multi_class_steps`), `method=dinomaly|dinomaly2` (set_method; Dinomaly2
+  trains DINOMALY2_STEPS multi-class, or `multi_class_steps` if more) and `shots=K` (few-shot:
+  K training images per class, data.shots), plus `extra_args` with their defaults.
   Without `encoder=`, the register count (and without `vit=`, the DINOv2 size) is read
   from the encoder weights.
   """
-  a = parse_arg(arg, vit=AUTO_VIT, encoder="", sep=False, **extra_args)
+  a = parse_arg(arg, vit=AUTO_VIT, encoder="", sep=False, method="dinomaly", shots=0, **extra_args)
   c = base_config()
   if a.encoder:
     set_encoder(c, a.encoder)
@@ -211,6 +255,11 @@ def dataset_config(arg: str | None, data_layout: str, *, multi_class_steps: int 
     c.model.registers = AUTO_REGISTERS
   c.data.layout = data_layout
   c.data.class_separated = a.sep
+  c.data.shots = a.shots
+  set_method(c, a.method)
+  c.data.augment = a.method == "dinomaly2" and a.shots > 0  # its few-shot script's augmentation
+  if a.method == "dinomaly2":
+    multi_class_steps = max(multi_class_steps, DINOMALY2_STEPS)
   c.train.steps = 5_000 if a.sep else multi_class_steps
   follow_steps_with_warmup(c)
   return a, c

@@ -110,7 +110,7 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Refuses a work directory whose saved config differs in a field that matters."""
   if not exists_in(workdir):
     return
-  saved = _flatten(read(workdir))
+  saved = _flatten(json.loads(load(workdir).to_json()))  # fields added since: their defaults
   now = _flatten(json.loads(config.to_json()))
   diffs = [f"  config.{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
            for k in sorted(set(saved) | set(now))

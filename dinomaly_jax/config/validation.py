@@ -3,15 +3,16 @@ import ml_collections
 
 from dinomaly_jax import tpu_chips
 from dinomaly_jax.config import defaults
+from dinomaly_jax.data.mvtec_ad2 import UNLABELLED_SPLITS
 from dinomaly_jax.errors import ConfigError
 from dinomaly_jax.models import dinomaly
 from dinomaly_jax.models import encoders
 from dinomaly_jax.models.structure import is_int
 
-MODES = ("train", "eval", "predict", "export", "compile")
+MODES = ("train", "eval", "predict", "export", "compile", "submit")
 EXPORT_FORMATS = ("jax", "onnx", "openvino")
 COMPILE_FUNCTIONS = ("train", "eval", "predict")
-LAYOUTS = ("mvtec", "mpdd", "btad", "visa", "realiad", "folder")
+LAYOUTS = ("mvtec", "mpdd", "btad", "visa", "realiad", "folder", "mvtec_ad2")
 
 
 def _check(ok: bool, field: str, expected: str, value) -> None:
@@ -59,6 +60,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive_int(c, "model.bottleneck_ratio")
   _in_range(c, "model.bottleneck_dropout", 0.0, 1.0, hi_open=True)
   _in_range(c, "model.linear_attention_eps", 0.0, 1.0)
+  _check(isinstance(m.context_recentering, bool), "model.context_recentering", "true or false",
+         m.context_recentering)
+  _check(is_int(m.bottleneck_down_dim) and m.bottleneck_down_dim >= 0, "model.bottleneck_down_dim",
+         "an integer >= 0 (0 = Dinomaly's MLP; Dinomaly2: 256)", m.bottleneck_down_dim)
 
   d = c.data
   _one_of(c, "data.layout", LAYOUTS)
@@ -76,6 +81,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(is_int(d.max_image_pixels) and d.max_image_pixels >= -1, "data.max_image_pixels",
          "0 (PIL's default), -1 (no limit) or a number of pixels", d.max_image_pixels)
   _in_range(c, "data.calibration.fraction", 0.0, 0.9)
+  _check(is_int(d.shots) and d.shots >= 0, "data.shots", "an integer >= 0 (0 = every training image)",
+         d.shots)
+  _check(not (d.shots and d.packed), "data.shots", "0 with data.packed (few-shot reads the folders)",
+         d.shots)
+  _check(isinstance(d.augment, bool), "data.augment", "true or false", d.augment)
+  _check(not (d.augment and d.cache_features), "data.augment",
+         "false with data.cache_features (cached features are of unaugmented images)", d.augment)
   _check(isinstance(d.calibration.folder, str), "data.calibration.folder", "a folder path", d.calibration.folder)
   _check(not (d.calibration.folder and d.calibration.fraction) or c.mode == "eval", "data.calibration.folder",
          "empty when training with data.calibration.fraction > 0 (one calibration source; a trained run "
@@ -93,6 +105,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
          f"< train.steps ({t.steps}; e.g. --config.train.warmup_steps={t.steps // 10})", t.warmup_steps)
   _in_range(c, "train.lr", 1e-12, 10.0)
   _in_range(c, "train.final_lr", 0.0, t.lr)
+  _one_of(c, "train.lr_schedule", defaults.LR_SCHEDULES)
+  _in_range(c, "train.bottleneck_first_lr", 0.0, 10.0)
   _in_range(c, "train.weight_decay", 0.0, 1.0)
   _in_range(c, "train.b1", 0.0, 1.0, hi_open=True)
   _in_range(c, "train.b2", 0.0, 1.0, hi_open=True)
@@ -133,3 +147,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(isinstance(k.find_largest_batch, bool), "compile.find_largest_batch", "True or False",
          k.find_largest_batch)
   _in_range(c, "compile.max_memory_gib", 0.0, 1e6)
+  splits = c.predict.submission_splits
+  _check(isinstance(splits, (tuple, list)) and bool(splits) and all(s in UNLABELLED_SPLITS for s in splits),
+         "predict.submission_splits", f"some of {list(UNLABELLED_SPLITS)}", splits)

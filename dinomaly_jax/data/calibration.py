@@ -7,6 +7,7 @@ of the seed and of the file order), or `folder` names normal images of your own,
 Both off: no calibration split (the protocol trains on all of train/good). A run trained
 with `fraction` may be recalibrated later from a `folder` (--mode=eval): the folder's images
 then replace the held-out ones as the calibration split (training still excludes those).
+MVTec AD 2 ships a calibration split (validation/good): its layout's split is the default there.
 """
 import zlib
 
@@ -19,9 +20,18 @@ from dinomaly_jax.data.records import Record
 from dinomaly_jax.errors import DataError
 
 
+LAYOUT_SPLITS = {"mvtec_ad2": "validation/good"}  # layouts that ship a calibration split
+
+
+def layout_split(data_config) -> str:
+  """The layout's own calibration split when neither source is configured, else ""."""
+  c = data_config.calibration
+  return "" if c.folder or c.fraction > 0 else LAYOUT_SPLITS.get(data_config.layout, "")
+
+
 def enabled(data_config) -> bool:
   c = data_config.calibration
-  return bool(c.folder) or c.fraction > 0
+  return bool(c.folder) or c.fraction > 0 or bool(layout_split(data_config))
 
 
 def describe(data_config) -> str:
@@ -31,6 +41,8 @@ def describe(data_config) -> str:
     return f"folder {c.folder} (replaces the {c.fraction:g} of train/good held out)"
   if c.folder:
     return f"folder {c.folder}"
+  if layout_split(data_config):
+    return f"the dataset's {layout_split(data_config)}"
   return f"{c.fraction:g} of train/good held out" if c.fraction > 0 else "off"
 
 

@@ -5,6 +5,7 @@ from dinomaly_jax import storage
 from dinomaly_jax.data import calibration
 from dinomaly_jax.data import folder
 from dinomaly_jax.data import mvtec
+from dinomaly_jax.data import mvtec_ad2
 from dinomaly_jax.data import packed
 from dinomaly_jax.data import realiad
 from dinomaly_jax.data import validate
@@ -13,7 +14,7 @@ from dinomaly_jax.data.records import Record
 from dinomaly_jax.errors import DataError
 
 LAYOUTS = {"mvtec": mvtec, "mpdd": mvtec, "btad": mvtec, "visa": visa, "realiad": realiad,
-           "folder": folder}
+           "folder": folder, "mvtec_ad2": mvtec_ad2}
 SPLITS = ("train", "test", "calibration")
 MAX_LISTED = 10  # ignored paths named in the warning
 
@@ -47,13 +48,19 @@ def build_records(data_config, split: str) -> list[Record]:
   """Records of `split` for the selected classes, every file checked.
 
   "train" excludes the calibration images; "calibration" is empty when
-  config.data.calibration is off (see data/calibration.py).
+  config.data.calibration is off (see data/calibration.py), except for a layout that
+  ships its own calibration split (MVTec AD 2: validation/good).
   """
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
   classes = list_classes(data_config)
   if split == "calibration" and data_config.calibration.folder:
     records = calibration.folder_records(data_config.calibration.folder, classes)
+    validate.check_records(records)
+    return records
+  layout_split = calibration.layout_split(data_config)
+  if split == "calibration" and layout_split:
+    records = [r for c in classes for r in _layout(data_config).calibration_records(data_config.root, c)]
     validate.check_records(records)
     return records
   source = "test" if split == "test" else "train"

@@ -29,7 +29,7 @@ def check_root(root: str) -> None:
     raise DataError(f"{root}: dataset root folder not found.")
 
 
-def _subdirs(folder: str) -> list[str]:
+def subdirs(folder: str) -> list[str]:
   return [d for d in storage.listdir(folder)
           if not d.startswith(".") and storage.isdir(storage.join(folder, d))]
 
@@ -48,7 +48,7 @@ def non_images(folder: str) -> list[str]:
 def ignored_paths(root: str, classes: list[str]) -> list[str]:
   """What the index skips, for one warning: folders of `root` without any image (not
   classes) and the non-image files of the class folders."""
-  empty = [storage.join(root, d) + "/" for d in _subdirs(root)
+  empty = [storage.join(root, d) + "/" for d in subdirs(root)
            if d not in classes and not any(map(is_image, _files_under(storage.join(root, d))))]
   return empty + [f for c in classes for f in non_images(storage.join(root, c))]
 
@@ -56,7 +56,7 @@ def ignored_paths(root: str, classes: list[str]) -> list[str]:
 def list_classes(root: str) -> list[str]:
   """Class folders of root: those holding a train/ or test/ folder and at least one image."""
   check_root(root)
-  classes = [d for d in _subdirs(root)
+  classes = [d for d in subdirs(root)
              if any(storage.isdir(storage.join(root, d, s)) for s in SPLITS)
              and any(map(is_image, _files_under(storage.join(root, d))))]
   if not classes:
@@ -101,7 +101,7 @@ def _check_orphan_masks(class_dir: str, defects: list[str]) -> None:
   gt_root = storage.join(class_dir, "ground_truth")
   if not storage.isdir(gt_root):
     return
-  for d in _subdirs(gt_root):
+  for d in subdirs(gt_root):
     masks = list_images(storage.join(gt_root, d))
     if d not in defects and masks:
       raise DataError(f"{masks[0]}: mask without an image; expected a test folder "
@@ -128,7 +128,7 @@ def class_records(root: str, class_name: str, split: str, *,
   if not storage.isdir(split_dir):
     return []  # a normal-only class (no test folder): calibration, no evaluation
   records = []
-  defects = [d for d in _subdirs(split_dir) if d not in NORMAL_DIRS]
+  defects = [d for d in subdirs(split_dir) if d not in NORMAL_DIRS]
   if normal is not None:
     records += [Record(p, class_name, 0, GOOD, None)
                 for p in list_images(storage.join(split_dir, normal))]

@@ -66,6 +66,23 @@ class _TrainBatch:
                                for i in mine])}
 
 
+class _AugmentedTrainBatch(_TrainBatch):
+  """(global step, record positions) -> this process's augmented batch (data.augment). Image j
+  of step t draws from default_rng([seed, t, j]), j its place in the global batch, so the
+  batches do not depend on the number of processes or workers, and resume exactly."""
+
+  def __init__(self, reader, sizes: transforms.Sizes, start: int, size: int, seed: int):
+    super().__init__(reader, sizes, start, size)
+    self._seed = seed
+
+  def __call__(self, step, positions):
+    mine = positions[self._start:self._start + self._size]
+    return {"image": np.stack([
+        transforms.augment_crop(self._reader.image(int(i)), self._crop,
+                                np.random.default_rng([self._seed, int(step), self._start + j]))
+        for j, i in enumerate(mine)])}
+
+
 class _EvalExample:
   """Position in the records (or past the end: padding) -> one eval example."""
 
@@ -144,9 +161,13 @@ def train_iterator(records: list[Record], data_config, *, batch_size: int, seed:
   ds = (grain.MapDataset.range(len(records))
         .shuffle(seed=seed % 2**32)
         .batch(global_batch, drop_remainder=True)
-        .repeat())[start_step:]
-  ds = ds.map(_TrainBatch(make_reader(records, data_config), transforms.Sizes.of(data_config),
-                          process_index * batch_size, batch_size))
+        .repeat())
+  reader, sizes = make_reader(records, data_config), transforms.Sizes.of(data_config)
+  if data_config.augment:  # the step (index before the resume slice) seeds each image's draw
+    ds = ds.map_with_index(_AugmentedTrainBatch(reader, sizes, process_index * batch_size, batch_size,
+                                                seed % 2**32))[start_step:]
+  else:
+    ds = ds[start_step:].map(_TrainBatch(reader, sizes, process_index * batch_size, batch_size))
   workers = data_config.workers if workers is None else workers
   return _iterate(ds, workers)
 

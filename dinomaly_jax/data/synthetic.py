@@ -202,13 +202,8 @@ def _sample(name, rng, size, kind=None):
   return _object(name, rng, size, kind)
 
 
-def generate(root: str, *, seed: int = 0, classes=DEFAULT_CLASSES, image_size: int = 256,
-             n_train: int = 30, n_test_good: int = 10, n_test_bad: int = 12) -> str:
-  """Writes the dataset under root (MVTec-AD layout) and returns root.
-
-  The defective test images cycle through the class's defect types; masks are
-  ground_truth/<type>/<stem>_mask.png with values 0 and 255.
-  """
+def _saver(root: str, classes):
+  """Checks the class names; save(array, *parts) writes a PNG under root."""
   unknown = [c for c in classes if c not in CLASSES]
   if unknown:
     raise ValueError(f"Unknown synthetic classes {unknown}; expected some of {list(CLASSES)}.")
@@ -217,6 +212,17 @@ def generate(root: str, *, seed: int = 0, classes=DEFAULT_CLASSES, image_size: i
     picture = Image.fromarray(array)
     storage.write_bytes(storage.join(root, *parts), storage.encoded(lambda f: picture.save(f, format="PNG")))
 
+  return save
+
+
+def generate(root: str, *, seed: int = 0, classes=DEFAULT_CLASSES, image_size: int = 256,
+             n_train: int = 30, n_test_good: int = 10, n_test_bad: int = 12) -> str:
+  """Writes the dataset under root (MVTec-AD layout) and returns root.
+
+  The defective test images cycle through the class's defect types; masks are
+  ground_truth/<type>/<stem>_mask.png with values 0 and 255.
+  """
+  save = _saver(root, classes)
   for name in classes:
     c = CLASSES.index(name)
     for i in range(n_train):
@@ -230,4 +236,35 @@ def generate(root: str, *, seed: int = 0, classes=DEFAULT_CLASSES, image_size: i
       image, mask = _sample(name, np.random.default_rng([seed, c, 2, i]), image_size, kind)
       save(image, name, "test", kind, f"{i:03d}.png")
       save(mask.astype(np.uint8) * 255, name, "ground_truth", kind, f"{i:03d}_mask.png")
+  return root
+
+
+def generate_mvtec_ad2(root: str, *, seed: int = 0, classes=DEFAULT_CLASSES, image_size: int = 64,
+                       n_train: int = 8, n_validation: int = 3, n_test_good: int = 3,
+                       n_test_bad: int = 3, n_private: int = 2) -> str:
+  """The same generated images in the MVTec AD 2 layout (data/mvtec_ad2.py) under root.
+
+  train/good, validation/good, test_public/{good,bad} with
+  test_public/ground_truth/bad/<stem>_mask.png, and the unlabelled test_private
+  (<i>_regular.png) and test_private_mixed (<i>_mixed.png, defective and normal mixed).
+  """
+  save = _saver(root, classes)
+  for name in classes:
+    c = CLASSES.index(name)
+    normal = lambda split, i: _sample(name, np.random.default_rng([seed, c, split, i]), image_size)[0]
+    defective = lambda split, i: _sample(name, np.random.default_rng([seed, c, split, i]), image_size,
+                                         DEFECTS[name][i % len(DEFECTS[name])])
+    for i in range(n_train):
+      save(normal(0, i), name, "train", "good", f"{i:03d}_regular.png")
+    for i in range(n_validation):
+      save(normal(3, i), name, "validation", "good", f"{i:03d}_regular.png")
+    for i in range(n_test_good):
+      save(normal(1, i), name, "test_public", "good", f"{i:03d}_good.png")
+    for i in range(n_test_bad):
+      image, mask = defective(2, i)
+      save(image, name, "test_public", "bad", f"{i:03d}_bad.png")
+      save(mask.astype(np.uint8) * 255, name, "test_public", "ground_truth", "bad", f"{i:03d}_bad_mask.png")
+    for i in range(n_private):
+      save(normal(4, i), name, "test_private", f"{i:03d}_regular.png")
+      save(defective(5, i)[0] if i % 2 else normal(5, i), name, "test_private_mixed", f"{i:03d}_mixed.png")
   return root

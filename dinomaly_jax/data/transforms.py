@@ -15,6 +15,7 @@ ratio kept), as in the reference.
 """
 import dataclasses
 import io
+import math
 import struct
 import sys
 
@@ -176,6 +177,32 @@ def resize_image(rgb: np.ndarray, resize: int) -> np.ndarray:
 def normalize_crop(resized: np.ndarray, crop: int) -> np.ndarray:
   """uint8 (R, R, 3) -> float32 (crop, crop, 3): centre crop, /255, ImageNet mean/std."""
   x = center_crop(resized, crop).astype(np.float32) / np.float32(255)
+  return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def augment_crop(resized: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
+  """Dinomaly2 few-shot's training augmentation of a (R, R, 3) uint8 image -> float32 (crop, crop, 3).
+
+  torchvision RandomResizedCrop((crop, crop), scale=(s, s), ratio=(0.95, 1.05)) with
+  s = (crop / R)^2 (a window of the centre crop's area, aspect ratio log-uniform, placed
+  uniformly, resized bilinearly to crop x crop), then a rotation by a uniform multiple of
+  90 degrees (counter-clockwise), a horizontal and a vertical flip each with probability 0.5,
+  /255 and ImageNet mean/std.
+  """
+  size = resized.shape[0]
+  ratio = math.exp(rng.uniform(math.log(0.95), math.log(1.05)))
+  w = min(size, int(round(math.sqrt(crop * crop * ratio))))
+  h = min(size, int(round(math.sqrt(crop * crop / ratio))))
+  top, left = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
+  window = resized[top:top + h, left:left + w]
+  if (h, w) != (crop, crop):
+    window = np.asarray(Image.fromarray(window).resize((crop, crop), Image.BILINEAR))
+  window = np.rot90(window, k=int(rng.integers(0, 4)))
+  if rng.random() < 0.5:
+    window = window[:, ::-1]
+  if rng.random() < 0.5:
+    window = window[::-1]
+  x = np.ascontiguousarray(window).astype(np.float32) / np.float32(255)
   return (x - IMAGENET_MEAN) / IMAGENET_STD
 
 

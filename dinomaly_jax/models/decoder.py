@@ -185,6 +185,30 @@ class NoisyBottleneck(nn.Module):
     return drop(_dense(x.shape[-1] // self.ratio, "fc2", self.dtype)(x))
 
 
+class TwoPartBottleneck(nn.Module):
+  """Dinomaly2's bottleneck: down (D -> down_dim) -> dropout, then fc1 (down_dim -> ratio*D) ->
+  GELU -> dropout -> fc2 (ratio*D -> D) -> dropout; no dropout on the input, no residual."""
+  down_dim: int = 256
+  ratio: int = 4
+  dropout: float = 0.4
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):  # (B, N, D)
+    drop = nn.Dropout(self.dropout, deterministic=not train)
+    dim = x.shape[-1]
+    x = drop(_dense(self.down_dim, "down", self.dtype)(x.astype(self.dtype)))  # (B, N, down_dim)
+    x = drop(activations.gelu(_dense(self.ratio * dim, "fc1", self.dtype)(x)))  # (B, N, ratio*D)
+    return drop(_dense(dim, "fc2", self.dtype)(x))  # (B, N, D)
+
+
+def make_bottleneck(ratio: int, dropout: float, down_dim: int, dtype: Any) -> nn.Module:
+  """Dinomaly's noisy MLP (down_dim 0) or Dinomaly2's two-part bottleneck (down_dim > 0)."""
+  if down_dim > 0:
+    return TwoPartBottleneck(down_dim, ratio, dropout, dtype)
+  return NoisyBottleneck(ratio, dropout, dtype)
+
+
 class Decoder(nn.Module):
   """`depth` blocks; returns every block's output (B, N, D), first block first."""
   depth: int = 8

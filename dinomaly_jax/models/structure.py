@@ -24,13 +24,15 @@ def _require(ok: bool, field: str, expected: str, value) -> None:
 def check_structure(*, encoder_depth: int, encoder_name: str, target_layers: Sequence[int],
                     fuse_groups: Sequence[Sequence[int]], decoder_depth: int,
                     decoder_attention: str, mask_neighbor_size: int,
-                    conv_decoder_kernel: int) -> None:
+                    conv_decoder_kernel: int, context_recentering: bool = False,
+                    bottleneck_down_dim: int = 0) -> None:
   """Raises ConfigError naming the first model field that cannot work.
 
   Rules (the reference `ViTill`): target layers are distinct encoder block indices;
   each loose group indexes both the target-layer list and the decoder's block
   outputs, so its indices lie below min(len(target_layers), decoder_depth); a
-  neighbour mask needs attention that forms the N x N weights.
+  neighbour mask needs attention that forms the N x N weights; context-aware
+  recentering needs the class token, which the conv decoder drops.
   """
   layers = list(target_layers)
   _require(bool(layers) and all(is_int(i) and 0 <= i < encoder_depth for i in layers)
@@ -57,3 +59,10 @@ def check_structure(*, encoder_depth: int, encoder_name: str, target_layers: Seq
     _require(decoder_attention != "linear", "mask_neighbor_size",
              "0 with decoder_attention='linear' (a neighbour mask needs 'softmax' or "
              "'qk_v_linear': linear attention never forms the N x N weights)", mask_neighbor_size)
+  _require(isinstance(context_recentering, bool), "context_recentering", "true or false",
+           context_recentering)
+  _require(not (context_recentering and conv_decoder_kernel), "context_recentering",
+           "false with model.conv_decoder_kernel > 0 (the conv decoder drops the class token "
+           "that recentering subtracts)", context_recentering)
+  _require(is_int(bottleneck_down_dim) and bottleneck_down_dim >= 0, "bottleneck_down_dim",
+           "an integer >= 0 (0 = Dinomaly's MLP; Dinomaly2: 256)", bottleneck_down_dim)

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from dinomaly_jax import sharding
 from dinomaly_jax import storage
 from dinomaly_jax.config import saved
+from dinomaly_jax.data import few_shot
 from dinomaly_jax.data import index as data_index
 from dinomaly_jax.data import pipeline
 from dinomaly_jax.errors import Interrupted
@@ -34,12 +35,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   records = data_index.build_records(config.data, "train")
   test_records = data_index.build_records(config.data, "test")  # fail early on bad test data
   evaluate.check_records(config, test_records)
-  preflight.check_training(config, len(records))
+  preflight.check_training(config, few_shot.count(records, config.data.shots, config.seed))
   mesh = sharding.make_mesh()
   model, state, _ = model_state.build(config)
   fingerprint = model_state.check_encoder(config, workdir, state)
   saved_steps = saved.load(workdir).train.steps if saved.exists_in(workdir) else config.train.steps
   saved.save(workdir, config)  # every check passed: the work directory starts here
+  records = few_shot.select(records, config.data.shots, config.seed, workdir)  # <workdir>/shots.json
   checkpoint.save_encoder(workdir, fingerprint, model_state.encoder_source(config))
   state = sharding.replicate(state, mesh)
   mngr = checkpoint.manager(workdir, config)
@@ -230,6 +232,7 @@ def _step_fn(model, config, mesh, lr_scale: float):
     config = copy.deepcopy(config)
     config.train.lr *= lr_scale
     config.train.final_lr *= lr_scale
+    config.train.bottleneck_first_lr *= lr_scale
   if config.data.cache_features:
     return feature_cache.make_cached_step(model, config, mesh)
   return train_step.make_train_step(model, config, mesh)

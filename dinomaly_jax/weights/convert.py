@@ -3,7 +3,7 @@
 Supported: official DINOv2 .pth (plain or chunked), Hugging Face Dinov2(WithRegisters)Model
 .safetensors/.bin, timm `vit_*_patch14[_reg4]_dinov2` state dicts (key maps in
 dinov2_keys.py), official DINOv3 .pth and Hugging Face DINOv3ViTModel files (dinov3_keys.py),
-and trained reference Dinomaly (ViTill) state dicts (vitill_keys.py).
+and trained reference Dinomaly (ViTill) and Dinomaly2 state dicts (vitill_keys.py).
 The command line is `python -m weight_conversion.convert`.
 """
 import pathlib
@@ -26,7 +26,11 @@ def convert_state_dict(state_dict: Mapping, **expect) -> tuple[dict, dict]:
   """Any supported state dict -> (tree to save, meta); `expect` as above."""
   if is_vitill_state_dict(state_dict):
     _, meta = dinov2_keys.convert_dinov2_state_dict(state_dict, prefix="encoder.", **expect)
-    return vitill_keys.convert_vitill(state_dict), dict(meta, source_format="dinomaly-vitill")
+    tree = vitill_keys.convert_vitill(state_dict)
+    if "down" in tree["bottleneck"]:  # evaluate with method=dinomaly2 (model.bottleneck_down_dim)
+      return tree, dict(meta, source_format="dinomaly2",
+                        bottleneck_down_dim=int(tree["bottleneck"]["down"]["kernel"].shape[1]))
+    return tree, dict(meta, source_format="dinomaly-vitill")
   if dinov3_keys.is_dinov3(state_dict):
     params, meta = dinov3_keys.convert_dinov3_state_dict(state_dict, **expect)
   else:

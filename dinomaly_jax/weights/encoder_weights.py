@@ -39,7 +39,21 @@ def load_pretrained(config: ml_collections.ConfigDict) -> dict:
         f"config.encoder_weights: {config.encoder_weights} holds {describe(*found)}, but the "
         f"config asks for {describe(*expected)} (config.model.family, config.model.vit, "
         "config.model.registers; configs take encoder=NAME, e.g. encoder=dinov3_vitb16).")
+  if "bottleneck" in tree:
+    _check_bottleneck(config, meta)
   return tree
+
+
+def _check_bottleneck(config: ml_collections.ConfigDict, meta: dict) -> None:
+  """A trained checkpoint's bottleneck must be the config's (Dinomaly's MLP or Dinomaly2's two parts)."""
+  found = int(meta.get("bottleneck_down_dim", 0))
+  if found != config.model.bottleneck_down_dim:
+    kind = (f"a trained Dinomaly2 checkpoint (two-part bottleneck, first width {found})" if found
+            else "a trained Dinomaly checkpoint (one-MLP bottleneck)")
+    raise EncoderWeightsError(
+        f"config.encoder_weights: {config.encoder_weights} is {kind}, but "
+        f"config.model.bottleneck_down_dim={config.model.bottleneck_down_dim}; evaluate it with "
+        f"the config argument method={'dinomaly2' if found else 'dinomaly'}.")
 
 
 def resolve_architecture(config: ml_collections.ConfigDict) -> None:

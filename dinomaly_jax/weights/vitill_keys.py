@@ -1,8 +1,13 @@
-"""Trained reference Dinomaly (`ViTill`) state dict -> our {encoder, bottleneck, decoder} tree.
+"""Trained reference Dinomaly (`ViTill`) or Dinomaly2 state dict -> our {encoder, bottleneck,
+decoder} tree.
 
 Reference key names (models/uad.py ViTill with bMlp, VitBlock / ConvBlock):
   encoder.*                                   DINOv2 keys (see convert_dinov2_state_dict)
   bottleneck.0.fc{1,2}.{weight,bias}          the noisy bottleneck MLP
+Dinomaly2 (its models/uad.py `Dinomaly`, bottleneck a ModuleList of two nn.Sequential):
+  bottleneck.0.0.{weight,bias}                Linear(D -> 256)            -> bottleneck/down
+  bottleneck.1.0.{weight,bias}                Linear(256 -> 4D)           -> bottleneck/fc1
+  bottleneck.1.3.{weight,bias}                Linear(4D -> D)             -> bottleneck/fc2
   decoder.{i}.norm{1,2}.{weight,bias}
   decoder.{i}.attn.{qkv,proj}.{weight,bias}   attention decoders (any attention kind)
   decoder.{i}.conv.pwconv{1,2}.weight, decoder.{i}.conv.dwconv.weight   conv decoder
@@ -30,16 +35,25 @@ def _linear(prefix: str, in_dim: int, out_dim: int, bias: bool = True) -> dict:
   return keys
 
 
-def _expected_keys(dim: int, hidden: int, depth: int, conv_kernel: int) -> dict:
-  """Torch key -> (flax path, torch shape) of every bottleneck and decoder tensor."""
+DINOMALY2_DOWN_KEY = "bottleneck.0.0.weight"
+
+
+def _expected_keys(dim: int, hidden: int, depth: int, conv_kernel: int, down_dim: int = 0) -> dict:
+  """Torch key -> (flax path, torch shape) of every bottleneck and decoder tensor
+  (down_dim > 0: Dinomaly2's two-part bottleneck)."""
   expected = {}
 
   def add(flax_prefix, entries):
     for key, (leaf, shape) in entries.items():
       expected[key] = (flax_prefix + (leaf,), shape)
 
-  add(("bottleneck", "fc1"), _linear("bottleneck.0.fc1", dim, hidden))
-  add(("bottleneck", "fc2"), _linear("bottleneck.0.fc2", hidden, dim))
+  if down_dim:
+    add(("bottleneck", "down"), _linear("bottleneck.0.0", dim, down_dim))
+    add(("bottleneck", "fc1"), _linear("bottleneck.1.0", down_dim, hidden))
+    add(("bottleneck", "fc2"), _linear("bottleneck.1.3", hidden, dim))
+  else:
+    add(("bottleneck", "fc1"), _linear("bottleneck.0.fc1", dim, hidden))
+    add(("bottleneck", "fc2"), _linear("bottleneck.0.fc2", hidden, dim))
   for i in range(depth):
     t, f = f"decoder.{i}", ("decoder", f"blocks_{i}")
     for norm in ("norm1", "norm2"):
@@ -66,15 +80,27 @@ def _to_flax(value: np.ndarray) -> np.ndarray:
   return value
 
 
+def _matrix(state_dict: Mapping, key: str, what: str):
+  value = state_dict.get(key)
+  if value is None or len(value.shape) != 2:
+    raise CheckpointError(f"Not a {what} state dict: {key} is missing or not 2-D "
+                          f"(first keys: {sorted(state_dict)[:8]}).")
+  return value
+
+
 def describe_architecture(state_dict: Mapping) -> dict:
-  """dim, bottleneck hidden size, decoder depth and conv kernel (0 = attention) from shapes."""
-  fc1 = state_dict.get("bottleneck.0.fc1.weight")
-  if fc1 is None or len(fc1.shape) != 2:
-    raise CheckpointError("Not a Dinomaly ViTill state dict: bottleneck.0.fc1.weight (hidden, D) is "
-                          f"missing or not 2-D (first keys: {sorted(state_dict)[:8]}).")
+  """dim, bottleneck hidden size, decoder depth, conv kernel (0 = attention) and the
+  two-part bottleneck's first width (down_dim, 0 = Dinomaly's MLP) from shapes."""
+  if DINOMALY2_DOWN_KEY in state_dict:
+    down = _matrix(state_dict, DINOMALY2_DOWN_KEY, "Dinomaly2")  # (down_dim, D)
+    dim, down_dim = int(down.shape[1]), int(down.shape[0])
+    hidden = int(_matrix(state_dict, "bottleneck.1.0.weight", "Dinomaly2").shape[0])  # (4D, down_dim)
+  else:
+    fc1 = _matrix(state_dict, "bottleneck.0.fc1.weight", "Dinomaly ViTill")  # (hidden, D)
+    dim, hidden, down_dim = int(fc1.shape[1]), int(fc1.shape[0]), 0
   depth = 1 + max((int(m.group(1)) for k in state_dict if (m := _BLOCK_KEY.match(k))), default=-1)
   dwconv = next((state_dict[k] for k in state_dict if k.endswith(".conv.dwconv.weight")), None)
-  return dict(dim=int(fc1.shape[1]), hidden=int(fc1.shape[0]), depth=depth,
+  return dict(dim=dim, hidden=hidden, depth=depth, down_dim=down_dim,
               conv_kernel=int(dwconv.shape[-1]) if dwconv is not None else 0)
 
 
@@ -103,6 +129,7 @@ def convert_vitill(state_dict: Mapping) -> dict:
                for k in sorted(trained) if k not in expected]
   if problems:
     raise CheckpointError("\n  ".join(
-        [f"ViTill state dict (D={arch['dim']}, depth={arch['depth']}, conv_kernel="
-         f"{arch['conv_kernel']}): {len(problems)} problem(s):"] + problems))
+        [f"{'Dinomaly2' if arch['down_dim'] else 'ViTill'} state dict (D={arch['dim']}, "
+         f"depth={arch['depth']}, conv_kernel={arch['conv_kernel']}): {len(problems)} problem(s):"]
+        + problems))
   return dict(encoder=encoder_params, **tree)
