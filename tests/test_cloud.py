@@ -12,11 +12,11 @@ import shutil
 import subprocess
 import sys
 
-from etils import epath
 import numpy as np
 import portpicker
 import pytest
 
+from dinomaly_jax import storage
 from dinomaly_jax.data import transforms
 from dinomaly_jax.evaluation import calibration
 from dinomaly_jax.inference import exported_model
@@ -53,7 +53,7 @@ def _main(config_arg, workdir, *flags):
 
 
 def _names(url):
-  return {p.name for p in epath.Path(url).iterdir()} if epath.Path(url).exists() else set()
+  return {p.name for p in storage.as_path(url).iterdir()} if storage.as_path(url).exists() else set()
 
 
 def test_train_resume_predict_export_with_the_workdir_on_gcs(gcs, tmp_path):
@@ -68,29 +68,29 @@ def test_train_resume_predict_export_with_the_workdir_on_gcs(gcs, tmp_path):
   assert {"config.json", "encoder.json", "metrics.jsonl", "thresholds.json", "calibration.json",
           "checkpoints", "tensorboard", "eval"} <= _names(workdir)
   assert _names(f"{workdir}/checkpoints") == {"3", "6"}
-  steps = [json.loads(line)["step"] for line in epath.Path(f"{workdir}/metrics.jsonl").read_text().splitlines()]
+  steps = [json.loads(line)["step"] for line in storage.as_path(f"{workdir}/metrics.jsonl").read_text().splitlines()]
   assert steps == [2, 3, 4, 6, 6]  # 2 and 3 before the stop, 4 and 6 after (6: losses, eval/)
   assert len([n for n in _names(f"{workdir}/tensorboard") if n.startswith("events.")]) == 2
-  report = json.loads(epath.Path(f"{workdir}/eval/report.json").read_text())
+  report = json.loads(storage.as_path(f"{workdir}/eval/report.json").read_text())
   assert report["step"] == 6 and set(report["classes"]) == {"brick", "nut"}
   assert "scores.png" in _names(f"{workdir}/eval/pictures/brick")
   _assert_calibrated_report(workdir)
 
   # Prediction inputs and outputs on the object store, export read back from it.
   for name in ("000.png", "001.png"):
-    (epath.Path(f"{RUN}/new/nut") / name).write_bytes(open(os.path.join(root, "nut", "test", "good", name), "rb").read())
+    (storage.as_path(f"{RUN}/new/nut") / name).write_bytes(open(os.path.join(root, "nut", "test", "good", name), "rb").read())
   _finish(_start(_main(root, workdir, "--mode=predict", f"--config.predict.input={RUN}/new/*/*.png"),
                  gcs, cache))
-  rows = list(csv.DictReader(io.StringIO(epath.Path(f"{workdir}/predictions/predictions.csv").read_text())))
+  rows = list(csv.DictReader(io.StringIO(storage.as_path(f"{workdir}/predictions/predictions.csv").read_text())))
   assert [r["image"] for r in rows] == [f"{RUN}/new/nut/000.png", f"{RUN}/new/nut/001.png"]
-  assert all(r["class"] == "nut" and epath.Path(r["heatmap"]).exists() for r in rows)
+  assert all(r["class"] == "nut" and storage.as_path(r["heatmap"]).exists() for r in rows)
   nut = calibration.load(workdir)["nut"]  # read back from gs://
   assert all(float(r["threshold"]) == nut.threshold for r in rows)
   assert "predictions.csv.parts" not in _names(f"{workdir}/predictions")  # the part files joined, removed
   again = _finish(_start(_main(root, workdir, "--mode=predict", f"--config.predict.input={RUN}/new/*/*.png"),
                          gcs, cache))
   assert "Resuming: 2 of 2 images already have a row" in again  # read back from gs://
-  assert len(list(csv.DictReader(io.StringIO(epath.Path(f"{workdir}/predictions/predictions.csv").read_text())))) == 2
+  assert len(list(csv.DictReader(io.StringIO(storage.as_path(f"{workdir}/predictions/predictions.csv").read_text())))) == 2
   _finish(_start(_main(root, workdir, "--mode=export"), gcs, cache))
   fn, info = exported_model.load(f"{workdir}/export")
   image = transforms.preprocess_image(transforms.load_image(rows[0]["image"]), main_helpers.tiny_config(root).data)
@@ -105,10 +105,10 @@ def test_train_resume_predict_export_with_the_workdir_on_gcs(gcs, tmp_path):
 def _assert_calibrated_report(workdir):
   """calibration.json (thresholds from the calibration images) and report.html, with its
   images embedded, landed in the work directory on gs://."""
-  saved = json.loads(epath.Path(f"{workdir}/calibration.json").read_text())
+  saved = json.loads(storage.as_path(f"{workdir}/calibration.json").read_text())
   assert set(saved) == {"brick", "nut", calibration.POOLED}
   assert all(c["source"] == calibration.FROM_CALIBRATION for c in saved.values())
-  page = epath.Path(f"{workdir}/eval/report.html").read_text()
+  page = storage.as_path(f"{workdir}/eval/report.html").read_text()
   assert page.startswith("<!DOCTYPE html>") and 'id="class-brick"' in page and 'id="class-nut"' in page
   assert page.count('src="data:image/jpeg;base64,') >= 2  # the image tiles of both classes
 
@@ -150,7 +150,7 @@ def test_two_pack_only_hosts_with_the_workdir_on_gcs(gcs, tmp_path):
   assert "I-AUROC" not in resumed[1]  # process 0 alone writes the report
   for host in (0, 1):  # each host made its own copy of the pack, on its own disk
     assert os.listdir(tmp_path / f"host{host}" / "packs")
-  report = json.loads(epath.Path(f"{workdir}/eval/report.json").read_text())
+  report = json.loads(storage.as_path(f"{workdir}/eval/report.json").read_text())
   assert report["step"] == 6 and set(report["classes"]) == {"brick", "nut"}
   pictures = _names(f"{workdir}/eval/pictures/brick")  # 2 strips (config.eval.pictures_per_class), scores
   assert len(pictures) == 3 and "scores.png" in pictures and all(n.endswith(".png") for n in pictures)
@@ -171,7 +171,7 @@ def test_prediction_rows_on_gcs_are_part_files_joined_at_the_end(gcs):
   assert resumed.done == {"a.png", "b.png"} and resumed.skipped == 2
   resumed.append([{"image": "c.png", "decision": "normal"}])
   path = resumed.close()
-  rows = list(csv.DictReader(io.StringIO(epath.Path(path).read_text())))
+  rows = list(csv.DictReader(io.StringIO(storage.as_path(path).read_text())))
   assert [(r["image"], r["decision"]) for r in rows] == [("a.png", "normal"), ("b.png", "anomalous"),
                                                          ("c.png", "normal")]
   assert _names(out) == {prediction_csv.CSV_FILE}  # the parts are gone
