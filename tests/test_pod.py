@@ -117,7 +117,7 @@ def test_resuming_with_other_encoder_weights_names_both(tmp_path):
   checkpoint.check_encoder(workdir, fingerprint, "weights/a")  # nothing recorded yet: accepted
   checkpoint.save_encoder(workdir, fingerprint, "weights/a")
   checkpoint.check_encoder(workdir, "other", "weights/b")  # no checkpoint yet: a new start is free
-  os.mkdir(tmp_path / checkpoint.CHECKPOINT_DIR)
+  os.makedirs(tmp_path / checkpoint.CHECKPOINT_DIR / "3")  # a finished checkpoint of step 3
   checkpoint.check_encoder(workdir, fingerprint, "/moved/weights/a")  # same weights, new path
   with pytest.raises(IncompatibleWorkdirError, match=(
       rf"trained with the encoder weights/a \(fingerprint {fingerprint}\), but this run loads "

@@ -50,6 +50,7 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> str:
   else:
     written, extra = _write_onnx(lambda images, ids: inference(leaves, images, ids), crop, fmt, out)
   info = {"input_size": crop, "resize": config.data.resize, "map_size": config.eval.map_size,
+          "bit_depth": int(config.data.bit_depth),  # of 16-bit grayscale inputs; 0 = from each file
           "mean": transforms.IMAGENET_MEAN.tolist(), "std": transforms.IMAGENET_STD.tolist(),
           "layout": "NHWC float32, ImageNet-normalised",
           "inputs": ["images (b, crop, crop, 3)", "class_ids (b,) int32: positions in classes"],

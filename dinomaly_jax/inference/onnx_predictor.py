@@ -17,6 +17,7 @@ import csv
 import glob
 import json
 import os
+import struct
 import sys
 
 import numpy as np
@@ -25,8 +26,8 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-CSV_COLUMNS = ("image", "class", "score", "normalised_score", "threshold", "threshold_from", "decision",
-               "heatmap")
+CSV_COLUMNS = ("image", "class", "class_from", "score", "normalised_score", "threshold", "threshold_from",
+               "decision", "heatmap", "error")
 # matplotlib's "jet" colour map, as (x, value) points per channel; 256 colours.
 JET = (((0.0, 0), (0.35, 0), (0.66, 1), (0.89, 1), (1.0, 0.5)),
        ((0.0, 0), (0.125, 0), (0.375, 1), (0.64, 1), (0.91, 0), (1.0, 0)),
@@ -95,12 +96,36 @@ def crop_offset(size: int, crop: int) -> int:
   return int(round((size - crop) / 2.0))
 
 
-def load_rgb(path: str) -> np.ndarray:
-  """Image file -> RGB uint8 (H, W, 3); 16-bit grayscale keeps its 8 most significant bits."""
+def _significant_bits(img, path: str) -> int:
+  """The bits a 16-bit image uses, as --mode=predict reads them: PNG sBIT, TIFF MaxSampleValue, else 16."""
+  if img.format == "PNG":
+    with open(path, "rb") as f:
+      data, pos = f.read(1 << 16), 8
+    while pos + 8 <= len(data):
+      length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+      if kind == b"sBIT" and length >= 1:
+        return data[pos + 8] if 1 <= data[pos + 8] <= 16 else 16
+      if kind in (b"IDAT", b"IEND"):
+        break
+      pos += 12 + length
+    return 16
+  if img.format == "TIFF":
+    max_value = img.tag_v2.get(281)  # MaxSampleValue
+    if isinstance(max_value, tuple):
+      max_value = max(max_value)
+    if max_value:
+      return max(1, min(16, int(max_value).bit_length()))
+  return 16
+
+
+def load_rgb(path: str, bit_depth: int = 0) -> np.ndarray:
+  """Image file -> RGB uint8 (H, W, 3); 16-bit grayscale scaled by its real bit depth (bit_depth,
+  else the file's), 255 = 2^bits - 1, rounded, as --mode=predict does."""
   try:
     with Image.open(path) as img:
       if img.mode in SIXTEEN_BIT_MODES:
-        gray = (np.clip(np.asarray(img, np.int64), 0, 65535) >> 8).astype(np.uint8)
+        top = float((1 << (bit_depth or _significant_bits(img, path))) - 1)
+        gray = np.round(np.clip(np.asarray(img, np.int64), 0, top) * (255.0 / top)).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=-1)
       if img.mode == "F":
         raise InputError(f"{path}: floating-point images are not supported; expected an 8- or 16-bit image.")
@@ -180,7 +205,7 @@ def predict(predictor: Predictor, paths: list[str], out_dir: str, class_name: st
   rows = []
   for start in range(0, len(paths), batch_size):
     chunk = paths[start:start + batch_size]
-    originals = [load_rgb(p) for p in chunk]
+    originals = [load_rgb(p, int(predictor.info.get("bit_depth", 0))) for p in chunk]
     classes = [predictor.class_of(p, class_name) for p in chunk]
     out = predictor.run(np.stack([predictor.preprocess(o) for o in originals]), classes)
     for i, (path, original, name) in enumerate(zip(chunk, originals, classes)):
@@ -193,11 +218,12 @@ def predict(predictor: Predictor, paths: list[str], out_dir: str, class_name: st
       if save_maps:
         np.save(stem + "_map.npy", full)
       score = float(out["scores"][i])
-      rows.append({"image": path, "class": name, "score": score,
+      how = "flag" if class_name else ("pooled" if name == predictor.info["pooled_class"] else "path")
+      rows.append({"image": path, "class": name, "class_from": how, "score": score,
                    "normalised_score": float(out["normalised_scores"][i]), "threshold": cal["threshold"],
                    "threshold_from": cal["source"],
                    "decision": "anomalous" if score >= cal["threshold"] else "normal",
-                   "heatmap": stem + "_heatmap.png"})
+                   "heatmap": stem + "_heatmap.png", "error": ""})
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "predictions.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)

@@ -24,6 +24,7 @@ from dinomaly_jax import storage
 from dinomaly_jax.data import index as data_index
 from dinomaly_jax.data import mvtec_ad2
 from dinomaly_jax.errors import ConfigError
+from dinomaly_jax.errors import DataError
 from dinomaly_jax.evaluation import anomaly_map
 from dinomaly_jax.evaluation import calibration
 from dinomaly_jax.evaluation import evaluate
@@ -49,9 +50,13 @@ def write_submission(config, workdir: str) -> list[dict]:
   bs = config.eval.batch_size
   rows = []
   batches = image_batches.batches([p for _, _, p in jobs], config.data, bs)
-  for start, (_, originals, images) in zip(range(0, len(jobs), bs), batches):
-    chunk = jobs[start:start + bs]
-    maps, scores = map_fn(variables, sharding.global_batch({"image": images}, mesh, "eval.batch_size")["image"])
+  for start, batch in zip(range(0, len(jobs), bs), batches):
+    chunk, originals = jobs[start:start + bs], batch.originals
+    unreadable = [e for e in batch.errors if e]
+    if unreadable:
+      raise DataError(unreadable[0])
+    images = sharding.global_batch({"image": batch.images}, mesh, "eval.batch_size")["image"]
+    maps, scores = map_fn(variables, images)
     maps, scores = np.asarray(maps), np.asarray(scores)
     for (name, split, path), original, amap, score in zip(chunk, originals, maps, scores):
       cal = thresholds[name]
