@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 
-import numpy as np
 from PIL import Image
 import pytest
 

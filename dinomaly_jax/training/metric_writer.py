@@ -1,9 +1,9 @@
 """Scalars to TensorBoard event files (tensorboardX) and to a JSON-lines file.
 
 Files of the job: only the primary process writes (storage.is_primary); on the others every
-call is a no-op. Any work directory (local or gs:// / s3://): the event file is written in a
-folder on this host's disk and copied to <workdir>/tensorboard through `storage` at every
-write, and metrics.jsonl is rewritten whole (object stores cannot append).
+call is a no-op. A local work directory gets the event file in <workdir>/tensorboard directly;
+for gs:// / s3:// it is written in a folder on this host's disk and copied there through
+`storage` at every write. metrics.jsonl is rewritten whole (object stores cannot append).
 """
 import json
 import shutil
@@ -20,8 +20,9 @@ class MetricWriter:
     self._active = storage.is_primary()
     if not self._active:
       return
-    self._tb_dir = storage.join(workdir, "tensorboard")
-    self._local_tb = tempfile.mkdtemp(prefix="dinomaly_tb_")
+    tb_dir = storage.join(workdir, "tensorboard")
+    self._remote_tb = tb_dir if storage.is_url(workdir) else None
+    self._local_tb = tempfile.mkdtemp(prefix="dinomaly_tb_") if self._remote_tb else tb_dir
     self._tb = SummaryWriter(self._local_tb)
     self._jsonl_path = storage.join(workdir, "metrics.jsonl")
     self._lines = storage.read_text(self._jsonl_path) if storage.exists(self._jsonl_path) else ""
@@ -37,13 +38,16 @@ class MetricWriter:
     self._upload_events()
 
   def _upload_events(self) -> None:
+    if not self._remote_tb:
+      return  # written in place
     self._tb.flush()
     for name in storage.listdir(self._local_tb):
       local = storage.join(self._local_tb, name)
-      storage.write_shared(storage.join(self._tb_dir, name), storage.read_bytes(local))
+      storage.write_shared(storage.join(self._remote_tb, name), storage.read_bytes(local))
 
   def close(self) -> None:
     if self._active:
       self._tb.close()
       self._upload_events()
-      shutil.rmtree(self._local_tb, ignore_errors=True)  # host-local: a temporary folder
+      if self._remote_tb:
+        shutil.rmtree(self._local_tb, ignore_errors=True)  # host-local: a temporary folder

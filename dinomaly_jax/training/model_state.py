@@ -3,7 +3,6 @@ import jax
 import ml_collections
 
 from dinomaly_jax import sharding
-from dinomaly_jax.config import saved
 from dinomaly_jax import storage
 from dinomaly_jax.config import saved
 from dinomaly_jax.errors import IncompatibleWorkdirError
