@@ -8,6 +8,11 @@ Needs libtpu (pip install -e ".[tpu]"). Each cell runs `python -m dinomaly_jax.m
 batch search); a ViT-B train step takes about 7 minutes per compile on 2 busy CPU cores, so
 the cells are written to <out>/tpu-slices.json as they finish and a run continues from them.
 The compiles are deterministic: a busy machine makes them slower, not different.
+
+Memory per chip of a data-parallel step depends on the chip and the batch per chip, not on
+the number of chips, so a slice whose chip type another slice has already searched for the
+same model (v5e-256 after v5e-8) is checked by one compile per function at that per-chip
+batch instead of a new search; the table says which cells were found that way.
 """
 import argparse
 import json
@@ -32,16 +37,24 @@ SLICES = {"v5e-8": "v5e:2x4", "v5p-8": "v5p:2x2x1", "v6e-8": "v6e:2x4", "v5e-256
 START_PER_CHIP = 4  # the search starts from 4 and 8 images per chip
 
 
-def run_cell(model: str, slice_name: str, workdir: str) -> dict:
-  arg, crop = MODELS[model]
-  topology = SLICES[slice_name]
+def _chips(topology: str) -> int:
   chips = 1
   for n in topology.split(":")[1].split("x"):
     chips *= int(n)
-  batch = START_PER_CHIP * chips
+  return chips
+
+
+def run_cell(model: str, slice_name: str, workdir: str, searched: dict | None = None) -> dict:
+  """The compile mode for one model on one slice. searched: {function: per-chip batch} found
+  by another slice of the same chip type; then one compile per function checks it here."""
+  arg, crop = MODELS[model]
+  topology = SLICES[slice_name]
+  chips = _chips(topology)
+  per_chip = searched or {"train": START_PER_CHIP, "eval": START_PER_CHIP}
   cmd = [sys.executable, "-m", "dinomaly_jax.main", f"--config=configs/mvtec.py:{arg}", f"--workdir={workdir}",
          "--mode=compile", f"--config.compile.topology={topology}", "--config.compile.functions=('train','eval')",
-         f"--config.train.batch_size={batch}", f"--config.eval.batch_size={batch}"]
+         f"--config.train.batch_size={per_chip['train'] * chips}", f"--config.eval.batch_size={per_chip['eval'] * chips}",
+         f"--config.compile.find_largest_batch={searched is None}"]
   start = time.time()
   proc = subprocess.run(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   print(proc.stdout, flush=True)
@@ -51,7 +64,19 @@ def run_cell(model: str, slice_name: str, workdir: str) -> dict:
     report = json.load(f)
   report["seconds"] = time.time() - start
   report["command"] = " ".join(cmd[1:])
+  report["batch_from"] = "checked at the batch per chip searched on a slice of the same chip" if searched else "searched"
   return report
+
+
+def _searched_elsewhere(cells: dict, model: str, slice_name: str) -> dict | None:
+  """{function: largest per-chip batch} of a searched cell of the same model and chip type."""
+  chip = SLICES[slice_name].split(":")[0]
+  for other, topology in SLICES.items():
+    cell = cells.get(f"{model}/{other}")
+    if (other != slice_name and topology.split(":")[0] == chip and cell and "error" not in cell
+        and cell.get("batch_from", "searched") == "searched"):
+      return {f: r["largest_batch"]["per_chip_batch"] for f, r in cell["functions"].items()}
+  return None
 
 
 def markdown(cells: dict) -> str:
@@ -73,12 +98,17 @@ def markdown(cells: dict) -> str:
       if "error" in cell:
         lines.append(label + f"| train, eval | {cell['error']} | | | | |")
         continue
+      how = "" if cell.get("batch_from", "searched") == "searched" else " *"
       for function, r in cell["functions"].items():
         best = r.get("largest_batch", r)
         mem = best["memory_per_chip_gib"]
-        lines.append(label + f"| {function} | {best['global_batch']} ({best['per_chip_batch']}) | "
+        lines.append(label + f"| {function} | {best['global_batch']} ({best['per_chip_batch']}){how} | "
                      f"{mem['total']:.2f} of {mem['hbm']:g} GiB | {best['gflop_per_image']:.0f} | "
                      f"{best['estimated_images_per_s']:,.0f} | {best['bound']} |")
+  lines += ["", "\\* the largest batch per chip searched on the slice of the same chip type above, checked "
+            "here by one compile per function (memory per chip does not depend on the number of chips).",
+            "", "Compile time on this machine per cell (seconds): " + ", ".join(
+                f"{k} {v['seconds']:.0f}" for k, v in cells.items() if "seconds" in v) + "."]
   return "\n".join(lines) + "\n"
 
 
@@ -104,7 +134,7 @@ def main(argv=None):
       if key in cells and "error" not in cells[key]:
         continue
       with tempfile.TemporaryDirectory() as workdir:
-        cells[key] = run_cell(model, slice_name, workdir)
+        cells[key] = run_cell(model, slice_name, workdir, _searched_elsewhere(cells, model, slice_name))
       with open(path, "w") as f:
         json.dump(cells, f, indent=2)
       with open(os.path.join(args.out, "tpu-slices.md"), "w") as f:
