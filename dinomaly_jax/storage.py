@@ -197,10 +197,12 @@ def append_text(path, text: str) -> None:
 
 
 def remove(path) -> None:
-  """Deletes a file (local or URL); a missing file is no error."""
-  p = as_path(path)
-  if p.exists():
-    p.unlink()
+  """Deletes a file (local or URL); a missing file is no error (nor is a delete that an object
+  store carried out but whose reply was lost: its retry finds nothing to delete)."""
+  try:
+    as_path(path).unlink()
+  except FileNotFoundError:
+    pass
 
 
 def _coordination_client():

@@ -5,6 +5,10 @@ a full disk. Every run is the real command line in a subprocess.
 The runs of a test share a JAX compilation cache (a folder of the test's), so only the
 first one compiles.
 """
+import contextlib
+import csv
+import glob
+import io
 import json
 import os
 import random
@@ -13,12 +17,16 @@ import subprocess
 import sys
 import time
 
+import gcsfs
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from dinomaly_jax import storage
+from tests import faulty_proxy
 from tests import main_helpers
+from tests import object_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORBAX_TMP = ".orbax-checkpoint-tmp"  # orbax writes step N in "N.orbax-checkpoint-tmp", then renames it
@@ -60,6 +68,17 @@ def _checkpoint(workdir, step):
   """The trainable state saved at `step` (step, params, opt_state, rng), as numpy arrays."""
   tree = ocp.PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "default"))
   return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@contextlib.contextmanager
+def _clients(env):
+  """This process's object-store clients pointed by `env` (gcsfs instances made afresh)."""
+  with object_store.environment(env):
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    try:
+      yield
+    finally:
+      gcsfs.GCSFileSystem.clear_instance_cache()
 
 
 def _metric_lines(workdir):
@@ -130,3 +149,54 @@ def test_sigkill_at_random_steps_then_resume_gives_the_uninterrupted_run(data_ro
   assert _metric_lines(killed) == _metric_lines(straight)
   with open(straight / "eval" / "report.json") as f, open(killed / "eval" / "report.json") as g:
     assert json.load(f)["mean"] == json.load(g)["mean"]
+
+
+def test_train_evaluate_predict_through_a_faulty_object_store(data_root, jax_cache, tmp_path):
+  """The work directory and predict's output on the GCS emulator, behind a proxy that fails
+  a seeded 15% of the requests (500/503 replies, connections dropped before the request or
+  after it was carried out, replies delayed 0.5 s): the clients' retries (gcsfs, tensorstore)
+  carry training, its evaluation and predict through; every checkpoint restores, each step's
+  metrics are there once, predictions.csv has one row per image."""
+  workdir = f"gs://{object_store.BUCKET}/faulty"
+  with object_store.gcs_emulator() as direct, faulty_proxy.FaultyProxy(
+      direct["STORAGE_EMULATOR_HOST"], share=0.15, seed=5, slow_s=0.5) as proxy:
+    env = _env(jax_cache, **object_store.client_env(proxy.url))
+    train = _finish(_start(_train_command(
+        data_root, workdir, "--config.train.steps=4", "--config.train.checkpoint_every=2",
+        "--config.train.log_every=2", "--config.train.eval_every=0"), env))
+    trained_with = dict(proxy.faults)
+    images = sorted(glob.glob(os.path.join(data_root, "*", "test", "*", "*.png")))
+    predict = _finish(_start([sys.executable, "-m", "dinomaly_jax.main", f"--workdir={workdir}", "--mode=predict",
+                              f"--config.predict.input={data_root}/*/test/*/*.png"], env))
+    predicted_with = dict(proxy.faults)
+    with _clients(direct):  # read back past the proxy
+      assert all(trained_with.get(kind, 0) >= 2 for kind in faulty_proxy.KINDS), trained_with
+      assert all(predicted_with[kind] > trained_with[kind] for kind in faulty_proxy.KINDS), predicted_with
+      assert "I-AUROC" in train and "Traceback" not in train + predict
+      assert storage.listdir(f"{workdir}/checkpoints") == ["2", "4"]
+      for step in (2, 4):
+        state = ocp.PyTreeCheckpointer().restore(f"{workdir}/checkpoints/{step}/default")
+        assert int(state["step"]) == step
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+      metrics = [json.loads(line) for line in storage.read_text(f"{workdir}/metrics.jsonl").splitlines()]
+      assert [(m["step"], "loss" in m) for m in metrics] == [(2, True), (4, True), (4, False)]  # 4: eval/
+      report = json.loads(storage.read_text(f"{workdir}/eval/report.json"))
+      assert report["step"] == 4 and set(report["classes"]) == {"brick", "nut"}
+      assert set(json.loads(storage.read_text(f"{workdir}/calibration.json"))) >= {"brick", "nut"}
+      rows = list(csv.DictReader(io.StringIO(storage.read_text(f"{workdir}/predictions/predictions.csv"))))
+      assert sorted(r["image"] for r in rows) == images  # each image once
+      assert all(r["decision"] in ("normal", "anomalous") and not r["error"] for r in rows)
+      assert len({r["heatmap"] for r in rows}) == len(rows) and all(storage.exists(r["heatmap"]) for r in rows)
+      assert "predictions.csv.parts" not in storage.listdir(f"{workdir}/predictions")  # joined, removed
+
+
+def test_a_delete_whose_reply_is_lost_is_done():
+  """The store deletes the object but the reply is lost: gcsfs retries, is told 404, and
+  storage.remove takes that as done (it raised FileNotFoundError, failing predict's last step)."""
+  with object_store.gcs_emulator() as direct, faulty_proxy.FaultyProxy(
+      direct["STORAGE_EMULATOR_HOST"], share=1.0, seed=0, kinds=("lost_reply",), methods=("DELETE",),
+      max_faults=1) as proxy, _clients(object_store.client_env(proxy.url)):
+    path = f"gs://{object_store.BUCKET}/part-000000.csv"
+    storage.write_text(path, "image\n")
+    storage.remove(path)
+    assert proxy.faults == {"lost_reply": 1} and not storage.exists(path)
