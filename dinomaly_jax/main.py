@@ -11,7 +11,9 @@ r"""Dinomaly-JAX: train, evaluate, predict, export.
 A trained work directory keeps its configuration (config.json): eval, predict, export and
 resuming need only --workdir, plus the fields that may change (data root, eval/predict options).
 """
+import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -44,10 +46,18 @@ def _parse(argv):
     command_line.fail(e, argv)
 
 
+def _not_disk_full(record) -> bool:
+  """Log filter: a full disk reaches orbax's background threads first, and each logs it with a
+  traceback; main reports it once, in one line."""
+  error = record.exc_info[1] if record.exc_info else RuntimeError(record.getMessage())
+  return command_line.disk_full_message(error) is None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # keep the libraries' INFO lines off the terminal
+  logging.get_absl_handler().addFilter(_not_disk_full)
   platforms.use_local_hardware_only()  # libtpu installed without a TPU: stay quiet on the CPU
   try:
     config = _CONFIG.value
@@ -64,6 +74,18 @@ def main(argv):
                       sys.argv, 130, prefix="")
   except errors.USER_ERRORS as e:
     command_line.fail(e, sys.argv)
+  except Exception as e:  # pylint: disable=broad-except
+    message = command_line.disk_full_message(e)
+    if message is None:
+      raise
+    # A write failed half-way (a checkpoint's in orbax's background thread): one line, and an
+    # exit that skips the interpreter's shutdown (its left-over tasks would each print a traceback).
+    if command_line.verbose(sys.argv):
+      traceback.print_exception(e)
+    print(f"error: {message} The last finished checkpoint is intact; free some space. "
+          f"{command_line.resume_hint(_WORKDIR.value)}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ import io
 import json
 import os
 import random
+import re
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,3 +203,62 @@ def test_a_delete_whose_reply_is_lost_is_done():
     storage.write_text(path, "image\n")
     storage.remove(path)
     assert proxy.faults == {"lost_reply": 1} and not storage.exists(path)
+
+
+def _mount_tmpfs(folder, size: str) -> bool:
+  """A small tmpfs at `folder` (root with CAP_SYS_ADMIN, as CI runs); False where not allowed."""
+  os.makedirs(folder)
+  return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                        capture_output=True, check=False).returncode == 0
+
+
+def _file_size_limit(limit: int):
+  """preexec_fn: writes past `limit` bytes fail with EFBIG (SIGXFSZ ignored), as on a full disk."""
+  def set_limit():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+  return set_limit
+
+
+def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_resumes(data_root, jax_cache, tmp_path):
+  """A run checkpoints step 2 and stops. Resumed on a full disk (a 200 MiB tmpfs with 30 MiB
+  left: needs root; a checkpoint is 72 MiB), it stops before writing the checkpoint of step 4,
+  with one line naming the folder; resumed under a file-size limit of 8 MiB (RLIMIT_FSIZE: any
+  user; orbax's files are larger), the checkpoint write fails half-way and the run ends with a
+  line naming the file (orbax's background threads print their own tracebacks first). The
+  checkpoint of step 2 stays intact: with the space back, the run resumes from it and finishes."""
+  disk = tmp_path / "disk"
+  tmpfs = _mount_tmpfs(disk, "200m")
+  try:
+    workdir = disk / "run"
+    env = _env(jax_cache)
+    command = _train_command(data_root, workdir, "--config.train.steps=4", "--config.train.checkpoint_every=2",
+                             "--config.train.eval_every=0")
+    _finish(_start(command + ["--config.train.stop_after=2"], env))
+    if tmpfs:
+      ballast = disk / "ballast"
+      with open(ballast, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(disk).free - (30 << 20))
+      out = _finish(_start(command, env), ok=False)
+      last = out.strip().splitlines()[-1]
+      assert re.fullmatch(
+          rf"error: {workdir}/checkpoints: the disk is full: a checkpoint needs 72 MiB, 30 MiB are free; "
+          rf"the checkpoint of step 2 is intact\. Free some space and run again to resume: "
+          rf"python -m dinomaly_jax\.main --workdir={workdir}", last), out
+      assert "Traceback" not in out and out.count("error") == 1, out
+      assert os.listdir(workdir / "checkpoints") == ["2"]
+      os.remove(ballast)
+    limited = _start(command, env, preexec_fn=_file_size_limit(8 << 20))
+    out = _finish(limited, ok=False)
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: {workdir}/checkpoints/4{ORBAX_TMP}/\S+: the disk is full: file too large for this "
+                        rf"process's file-size limit \(ulimit -f\)\. The last finished checkpoint is intact; free some "
+                        rf"space\. Resume with: python -m dinomaly_jax\.main --workdir={workdir}", last), out
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", f"4{ORBAX_TMP}"]
+    out = _finish(_start(command, env))
+    assert f"Resumed from the checkpoint of step 2 in {workdir}." in out and "I-AUROC" in out
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+    assert [m["step"] for m in _metric_lines(workdir)] == [2, 4, 4]  # log_every 2; 4: eval/
+  finally:
+    if tmpfs:
+      subprocess.run(["umount", str(disk)], check=True)

@@ -166,6 +166,7 @@ class _TrainLoop:
     return spike
 
   def save_checkpoint(self) -> None:
+    checkpoint.check_room(self.workdir, self.state, last_step=self.last_good)
     checkpoint.save(self.mngr, self.done, self.state)
     self.last_good = self.done
 
