@@ -32,6 +32,10 @@ class DiskFullError(OSError):
   """A disk has no room for what the run must write (the message names the folder)."""
 
 
+class StorageError(OSError):
+  """An object store still failed after its client's retries (the message says what failed)."""
+
+
 class UsageError(ValueError):
   """A bad command line: an unknown flag or config field, a value that does not parse."""
 

@@ -193,6 +193,19 @@ def test_train_evaluate_predict_through_a_faulty_object_store(data_root, jax_cac
       assert "predictions.csv.parts" not in storage.listdir(f"{workdir}/predictions")  # joined, removed
 
 
+def test_an_object_store_that_keeps_failing_stops_with_one_line(jax_cache):
+  """Every request answered 500: gcsfs's retries (6 tries per request, backoff up to 16 s) run
+  out, and the command line says so in one line (no traceback, gcsfs's own log of it hidden)."""
+  with object_store.gcs_emulator() as direct, faulty_proxy.FaultyProxy(
+      direct["STORAGE_EMULATOR_HOST"], share=1.0, seed=0, kinds=("error",)) as proxy:
+    proc = _start([sys.executable, "-m", "dinomaly_jax.main", f"--workdir=gs://{object_store.BUCKET}/down",
+                   "--mode=eval"], _env(jax_cache, **object_store.client_env(proxy.url)))
+    out = _finish(proc, ok=False)
+  assert out.strip() == ("error: the object store failed after its client's retries: HttpError: "
+                         "injected by the faulty proxy, 500."), out
+  assert proxy.faults["error"] >= 6  # tried again before giving up
+
+
 def test_a_delete_whose_reply_is_lost_is_done():
   """The store deletes the object but the reply is lost: gcsfs retries, is told 404, and
   storage.remove takes that as done (it raised FileNotFoundError, failing predict's last step)."""
@@ -251,8 +264,8 @@ def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_resumes(data_ro
     limited = _start(command, env, preexec_fn=_file_size_limit(8 << 20))
     out = _finish(limited, ok=False)
     last = out.strip().splitlines()[-1]
-    assert re.fullmatch(rf"error: {workdir}/checkpoints/4{ORBAX_TMP}/\S+: the disk is full: file too large for this "
-                        rf"process's file-size limit \(ulimit -f\)\. The last finished checkpoint is intact; free some "
+    assert re.fullmatch(rf"error: {workdir}/checkpoints/4{ORBAX_TMP}/\S+: the file outgrew this process's "
+                        rf"file-size limit \(ulimit -f\)\. The last finished checkpoint is intact; free some "
                         rf"space\. Resume with: python -m dinomaly_jax\.main --workdir={workdir}", last), out
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", f"4{ORBAX_TMP}"]
     out = _finish(_start(command, env))
