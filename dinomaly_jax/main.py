@@ -94,9 +94,10 @@ def main(argv):
     # exit that skips the interpreter's shutdown (its left-over tasks would each print a traceback).
     if command_line.verbose(sys.argv):
       traceback.print_exception(e)
-    print(f"error: {message} The last finished checkpoint is intact; free some space. "
-          f"{command_line.resume_hint(_WORKDIR.value)}", file=sys.stderr, flush=True)
     sys.stdout.flush()
+    sys.stderr.write(f"\nerror: {message} The last finished checkpoint is intact; free some space. "
+                     f"{command_line.resume_hint(_WORKDIR.value)}\n")  # one write: other threads print too
+    sys.stderr.flush()
     os._exit(1)
 
 
