@@ -1,4 +1,4 @@
-"""Nothing lost, tested by breaking it: training killed with SIGKILL at random steps (once
+"""Nothing lost, tested by breaking it: training killed with SIGKILL at random steps (twice
 inside a checkpoint write) and resumed; an object store that fails a share of its requests;
 a full disk. Every run is the real command line in a subprocess.
 
