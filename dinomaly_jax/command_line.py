@@ -8,6 +8,7 @@ $DINOMALY_JAX_VERBOSE=1 adds the traceback), and the help (`--help`, `-h`, `--he
 """
 import difflib
 import os
+import re
 import sys
 import traceback
 
@@ -60,6 +61,43 @@ def fail(error: BaseException, argv, exit_code: int = 1, prefix: str = "error: "
   message = str(error).strip() or type(error).__name__
   print(f"{prefix}{message}", file=sys.stderr, flush=True)
   sys.exit(exit_code)
+
+
+_DISK_FULL_ERRNOS = {28: "the disk is full (no space left on the device)", 122: "the disk quota is used up",
+                     27: "the file outgrew this process's file-size limit (ulimit -f)"}
+
+
+def disk_full_message(error: BaseException) -> str | None:
+  """One line for an error that is a full disk wherever it was raised (an OSError with ENOSPC,
+  EDQUOT or EFBIG; or tensorstore's error with that os_error_code, from a checkpoint write):
+  the path and which limit it met; None for any other error."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+      return f"{error.filename or 'a file'}: {_DISK_FULL_ERRNOS[error.errno]}."
+    code = re.search(r"\[os_error_code='(\d+)'\]", str(error))
+    if code and int(code[1]) in _DISK_FULL_ERRNOS:
+      path = re.search(r'Failed (?:writing|to write)[^"]*"([^"]+)"', str(error)) or re.search(r'"(/[^"]+)"', str(error))
+      return f"{path[1] if path else 'a checkpoint file'}: {_DISK_FULL_ERRNOS[int(code[1])]}."
+    error = error.__cause__ or error.__context__
+  return None
+
+
+_STORE_CLIENTS = ("gcsfs", "s3fs", "aiohttp", "botocore", "aiobotocore", "requests")
+
+
+def store_failure_message(error: BaseException) -> str | None:
+  """One line for an object-store request that still failed after its client's own retries
+  (gcsfs: 6 tries with exponential backoff; s3fs: botocore's); None for any other error."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if type(error).__module__.split(".")[0] in _STORE_CLIENTS:
+      return (f"the object store failed after its client's retries: {type(error).__name__}: "
+              f"{str(error).strip() or 'no reply'}.")
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def resume_hint(workdir: str) -> str:

@@ -28,6 +28,14 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite."""
 
 
+class DiskFullError(OSError):
+  """A disk has no room for what the run must write (the message names the folder)."""
+
+
+class StorageError(OSError):
+  """An object store still failed after its client's retries (the message says what failed)."""
+
+
 class UsageError(ValueError):
   """A bad command line: an unknown flag or config field, a value that does not parse."""
 
@@ -42,4 +50,4 @@ class Interrupted(Exception):
 
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, EncoderWeightsError,
-               IncompatibleWorkdirError, NonFiniteLossError, UsageError, FileNotFoundError)
+               IncompatibleWorkdirError, NonFiniteLossError, UsageError, FileNotFoundError, DiskFullError)

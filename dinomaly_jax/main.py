@@ -11,7 +11,9 @@ r"""Dinomaly-JAX: train, evaluate, predict, export.
 A trained work directory keeps its configuration (config.json): eval, predict, export and
 resuming need only --workdir, plus the fields that may change (data root, eval/predict options).
 """
+import os
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -34,6 +36,7 @@ _FROM_SAVED = []  # [True] when the config is the work directory's saved one
 
 
 def _parse(argv):
+  logging.get_absl_handler().addFilter(_not_reported_by_main)
   if command_line.wants_help(argv):
     command_line.show_help(argv)  # exits 0
   try:
@@ -42,6 +45,25 @@ def _parse(argv):
     return command_line.parse_flags(argv)
   except errors.UsageError as e:
     command_line.fail(e, argv)
+  except Exception as e:  # pylint: disable=broad-except
+    _fail_on_store_failure(e, argv)  # reading a saved config.json on gs://
+
+
+def _not_reported_by_main(record) -> bool:
+  """Log filter: a full disk reaches orbax's background threads first, and each logs it with a
+  traceback; gcsfs logs its last failed try with one. main reports either in one line."""
+  error = record.exc_info[1] if record.exc_info else RuntimeError(record.getMessage())
+  if record.name.startswith("gcsfs") and "out of retries" in record.getMessage():
+    return False
+  return command_line.disk_full_message(error) is None
+
+
+def _fail_on_store_failure(error: Exception, argv) -> None:
+  """One line for an object store that failed after its client's retries; re-raises anything else."""
+  message = command_line.store_failure_message(error)
+  if message is None:
+    raise error
+  command_line.fail(errors.StorageError(message), argv)
 
 
 def main(argv):
@@ -64,6 +86,19 @@ def main(argv):
                       sys.argv, 130, prefix="")
   except errors.USER_ERRORS as e:
     command_line.fail(e, sys.argv)
+  except Exception as e:  # pylint: disable=broad-except
+    message = command_line.disk_full_message(e)
+    if message is None:
+      _fail_on_store_failure(e, sys.argv)
+    # A write failed half-way (a checkpoint's in orbax's background thread): one line, and an
+    # exit that skips the interpreter's shutdown (its left-over tasks would each print a traceback).
+    if command_line.verbose(sys.argv):
+      traceback.print_exception(e)
+    sys.stdout.flush()
+    sys.stderr.write(f"\nerror: {message} The last finished checkpoint is intact; free some space. "
+                     f"{command_line.resume_hint(_WORKDIR.value)}\n")  # one write: other threads print too
+    sys.stderr.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":

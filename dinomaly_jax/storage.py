@@ -145,6 +145,17 @@ def listdir(folder) -> list[str]:
   return sorted(p.name for p in as_path(folder).iterdir())
 
 
+def free_bytes(folder) -> int | None:
+  """The bytes free on the disk of a local folder (or of its nearest existing parent); None for
+  a URL (an object store has no disk to fill)."""
+  if is_url(folder):
+    return None
+  path = os.path.abspath(folder)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return shutil.disk_usage(path).free
+
+
 def makedirs(path) -> None:
   """Creates a local folder (and parents); object stores need none."""
   if not is_url(path):
@@ -197,10 +208,12 @@ def append_text(path, text: str) -> None:
 
 
 def remove(path) -> None:
-  """Deletes a file (local or URL); a missing file is no error."""
-  p = as_path(path)
-  if p.exists():
-    p.unlink()
+  """Deletes a file (local or URL); a missing file is no error (nor is a delete that an object
+  store carried out but whose reply was lost: its retry finds nothing to delete)."""
+  try:
+    as_path(path).unlink()
+  except FileNotFoundError:
+    pass
 
 
 def _coordination_client():

@@ -4,6 +4,11 @@ Files of the job: only the primary process writes (storage.is_primary); on the o
 call is a no-op. A local work directory gets the event file in <workdir>/tensorboard directly;
 for gs:// / s3:// it is written in a folder on this host's disk and copied there through
 `storage` at every write. metrics.jsonl is rewritten whole (object stores cannot append).
+
+A run resumed from the checkpoint of step S (after a kill, or a spike rollback) trains steps
+S+1.. again: their lines from before are dropped, so each step has its lines once, and
+TensorBoard is told to purge its events after S (tensorboardX's purge_step). The
+spike-rollback lines stay: the rollback happened, and the resumed run does not repeat it.
 """
 import json
 import shutil
@@ -16,16 +21,27 @@ from dinomaly_jax import storage
 
 class MetricWriter:
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, start_step: int = 0):
     self._active = storage.is_primary()
     if not self._active:
       return
     tb_dir = storage.join(workdir, "tensorboard")
     self._remote_tb = tb_dir if storage.is_url(workdir) else None
     self._local_tb = tempfile.mkdtemp(prefix="dinomaly_tb_") if self._remote_tb else tb_dir
-    self._tb = SummaryWriter(self._local_tb)
+    self._tb = SummaryWriter(self._local_tb, purge_step=start_step + 1 if start_step else None)
     self._jsonl_path = storage.join(workdir, "metrics.jsonl")
     self._lines = storage.read_text(self._jsonl_path) if storage.exists(self._jsonl_path) else ""
+    self.drop_after(start_step)
+
+  def drop_after(self, step: int) -> None:
+    """Forgets the lines of steps after `step` (to be trained again), spike rollbacks kept."""
+    if not self._active or not self._lines:
+      return
+    kept = [line for line in self._lines.splitlines(keepends=True)
+            if line.strip() and (json.loads(line)["step"] <= step or _is_rollback(line))]
+    if len(kept) != len(self._lines.splitlines()):
+      self._lines = "".join(kept)
+      storage.write_shared(self._jsonl_path, self._lines)
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     if not self._active:
@@ -51,3 +67,7 @@ class MetricWriter:
       self._upload_events()
       if self._remote_tb:
         shutil.rmtree(self._local_tb, ignore_errors=True)  # host-local: a temporary folder
+
+
+def _is_rollback(line: str) -> bool:
+  return "spike/rollbacks" in json.loads(line)

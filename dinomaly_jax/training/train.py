@@ -65,7 +65,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batches = pipeline.train_iterator(
         records, config.data, batch_size=batch // n_proc, seed=config.seed,
         process_index=jax.process_index(), process_count=n_proc, start_step=position)
-  writer = metric_writer.MetricWriter(workdir)
+  writer = metric_writer.MetricWriter(workdir, start)
   if config.random_encoder:
     _log("NOTE: the encoder has RANDOM weights (config.random_encoder=True), not pretrained ones: "
          "expect a working pipeline, not Dinomaly's accuracy.")
@@ -166,6 +166,7 @@ class _TrainLoop:
     return spike
 
   def save_checkpoint(self) -> None:
+    checkpoint.check_room(self.workdir, self.state, last_step=self.last_good)
     checkpoint.save(self.mngr, self.done, self.state)
     self.last_good = self.done
 
@@ -185,6 +186,7 @@ class _TrainLoop:
                   else self.state.replace(**sharding.replicate(self.initial, self.mesh)))
     self.step_fn = _step_fn(self.model, self.config, self.mesh, guard.lr_scale)
     self.in_flight.clear()
+    self.writer.drop_after(last_good)  # those steps are trained again
     self.done = last_good
     self.bar.n = last_good
     self.bar.refresh()

@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from dinomaly_jax import storage
+from dinomaly_jax.errors import DiskFullError
 from dinomaly_jax.errors import IncompatibleWorkdirError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -83,6 +84,23 @@ def _read_only_manager(workdir: str) -> ocp.CheckpointManager:
                                      max_to_keep=None, enable_async_checkpointing=False))
   finally:
     absl_logger.removeFilter(quiet)
+
+
+def check_room(workdir: str, state, last_step: int) -> None:
+  """Refuses to start a checkpoint the disk has no room for (DiskFullError naming the folder):
+  a write that fails half-way leaves a temporary folder and a traceback from orbax's
+  background thread. The primary process's disk decides (one shared answer: no host starts a
+  save the others skip); the size is the state's bytes, what orbax writes uncompressed."""
+  folder = storage.join(workdir, CHECKPOINT_DIR)
+  needed = sum(leaf.nbytes for leaf in jax.tree.leaves(trainable(state)))
+  free = storage.free_bytes(folder)
+  if storage.primary_decides(free is None or free >= needed):
+    return
+  kept = f"the checkpoint of step {last_step} is intact" if last_step else "no checkpoint was written yet"
+  raise DiskFullError(
+      f"{folder}: the disk is full: a checkpoint needs {needed / 2**20:.0f} MiB, "
+      f"{(free or 0) / 2**20:.0f} MiB are free; {kept}. Free some space and run again to resume: "
+      f"python -m dinomaly_jax.main --workdir={workdir}")
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
