@@ -44,7 +44,8 @@ def _chips(topology: str) -> int:
   return chips
 
 
-def run_cell(model: str, slice_name: str, workdir: str, searched: dict | None = None) -> dict:
+def run_cell(model: str, slice_name: str, workdir: str, searched: dict | None = None,
+             functions: tuple = ("train", "eval")) -> dict:
   """The compile mode for one model on one slice. searched: {function: per-chip batch} found
   by another slice of the same chip type; then one compile per function checks it here."""
   arg, crop = MODELS[model]
@@ -52,7 +53,7 @@ def run_cell(model: str, slice_name: str, workdir: str, searched: dict | None = 
   chips = _chips(topology)
   per_chip = searched or {"train": START_PER_CHIP, "eval": START_PER_CHIP}
   cmd = [sys.executable, "-m", "dinomaly_jax.main", f"--config=configs/mvtec.py:{arg}", f"--workdir={workdir}",
-         "--mode=compile", f"--config.compile.topology={topology}", "--config.compile.functions=('train','eval')",
+         "--mode=compile", f"--config.compile.topology={topology}", f"--config.compile.functions={functions!r}",
          f"--config.train.batch_size={per_chip['train'] * chips}", f"--config.eval.batch_size={per_chip['eval'] * chips}",
          f"--config.compile.find_largest_batch={searched is None}"]
   start = time.time()
@@ -84,7 +85,8 @@ def markdown(cells: dict) -> str:
            "Produced by `python -m benchmarks.tpu_slices` (the compile mode, libtpu "
            f"{_libtpu_version()}, on a CPU machine). Images/s are a roofline ESTIMATE from the chips' "
            "published peak bf16 FLOP/s and HBM bandwidth (dinomaly_jax/tpu_chips.py), not measurements; "
-           "the batch is the largest the search found (a line through two compiles, checked by a compile).", "",
+           "the batch is the largest the search found (a line through two compiles, checked by a compile; "
+           "bisections where memory grows faster than the line).", "",
            "| model | crop | slice (topology) | function | largest global batch (per chip) | memory per chip | "
            "GFLOP per image | est. images/s | bound |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -125,16 +127,23 @@ def main(argv=None):
   parser.add_argument("--out", default="benchmarks/results")
   parser.add_argument("--models", default=",".join(MODELS))
   parser.add_argument("--slices", default=",".join(SLICES))
+  parser.add_argument("--functions", default="train,eval", help="with --redo: compile only these again")
+  parser.add_argument("--redo", action="store_true", help="compile cells already written again")
   args = parser.parse_args(argv)
+  functions = tuple(args.functions.split(","))
   path = os.path.join(args.out, "tpu-slices.json")
   cells = json.load(open(path)) if os.path.exists(path) else {}
   for model in args.models.split(","):
     for slice_name in args.slices.split(","):
       key = f"{model}/{slice_name}"
-      if key in cells and "error" not in cells[key]:
+      if key in cells and "error" not in cells[key] and not args.redo:
         continue
       with tempfile.TemporaryDirectory() as workdir:
-        cells[key] = run_cell(model, slice_name, workdir, _searched_elsewhere(cells, model, slice_name))
+        cell = run_cell(model, slice_name, workdir, _searched_elsewhere(cells, model, slice_name), functions)
+      if key in cells and "error" not in cells[key] and "error" not in cell:  # keep the other functions
+        cell["functions"] = {**cells[key]["functions"], **cell["functions"]}
+        cell["seconds"] += cells[key]["seconds"]
+      cells[key] = cell
       with open(path, "w") as f:
         json.dump(cells, f, indent=2)
       with open(os.path.join(args.out, "tpu-slices.md"), "w") as f:

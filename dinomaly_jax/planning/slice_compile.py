@@ -11,7 +11,8 @@ For each it prints memory per chip (arguments, temporaries, outputs, against the
 HBM), FLOPs and HBM bytes per image, and an ESTIMATE of the step time and images/s from
 the chip's published peak (tpu_chips.py). With compile.find_largest_batch it also finds
 the largest global batch that fits: memory per chip is about linear in the batch, so two
-compiles give the line, a third checks its prediction. A configured batch that does not
+compiles give the line, a third checks its prediction (when it is far over, memory grows
+faster than the line, and a few bisections follow). A configured batch that does not
 fit stops the mode with one line naming the batch, the memory and the largest that fits.
 The report is also written to <workdir>/compile/<topology>.json.
 """
@@ -40,6 +41,8 @@ GIB = 2**30
 REPORT_DIR = "compile"
 MAX_PER_CHIP = 4096  # the largest per-chip batch the search considers
 _HBM_SHARES = (1.0, 0.98, 0.95)  # of the memory budget, aimed at by the search's successive tries
+_NEAR = 1.05  # a try at most this far over the budget is followed by the next share
+BISECT_COMPILES = 6  # else (memory not linear in the batch) at most this many bisections
 
 
 class DoesNotFit(ConfigError):
@@ -140,10 +143,12 @@ def _check_function(function, config, model, devices, chip) -> dict:
   _print_figures(result, chip)
   if largest is not None:
     result["largest_batch"] = _describe(largest, chips, chip)
+    over = [b for b, c in tried.items() if b > largest.per_chip_batch and (c is None or c.total_bytes > budget)]
+    result["largest_batch"]["smallest_over"] = min(over, default=None)  # per chip; None: not met
+    bound = f"; {min(over)} per chip does not fit" if over else ""
     print(f"  largest {batch_word} that fits: {largest.per_chip_batch * chips} ({largest.per_chip_batch} "
-          f"per chip, {largest.total_bytes / GIB:.2f} GiB; the memory line of {len(tried)} compiles, "
-          f"checked by a compile at that batch), ESTIMATE "
-          f"{result['largest_batch']['estimated_images_per_s']:,.0f} images/s", flush=True)
+          f"per chip, {largest.total_bytes / GIB:.2f} GiB, compiled; found in {len(tried)} compiles{bound}), "
+          f"ESTIMATE {result['largest_batch']['estimated_images_per_s']:,.0f} images/s", flush=True)
   result["compiles"] = {str(b): (c.total_bytes if c else None) for b, c in sorted(tried.items())}
   return result
 
@@ -256,6 +261,11 @@ def _largest_batch(measure, per_chip: int, budget: float) -> Compiled | None:
       best = guess
       break
     upper = guess
+    if measure(guess) is None or measure(guess).total_bytes > _NEAR * budget:
+      # Far over (or out of the chip's memory): memory grows faster than the line of two
+      # small batches says, so aiming a little lower would miss again; bisect instead.
+      best = _bisect(fits, best, upper)
+      break
   if not best and b1 > 1 and upper > 1:  # the line says nothing fits below b1: it bends there
     if not fits(1):
       return None
@@ -265,6 +275,20 @@ def _largest_batch(measure, per_chip: int, budget: float) -> Compiled | None:
     if guess > 1 and fits(guess):
       best = guess
   return measure(best) if best else None
+
+
+def _bisect(fits, best: int, upper: int, compiles: int = BISECT_COMPILES) -> int:
+  """The largest batch found in [best, upper) by at most `compiles` bisections (best fits,
+  upper does not), stopping once the gap is under 5% of best."""
+  for _ in range(compiles):
+    if upper - best <= max(1, best // 20):
+      break
+    middle = (best + upper) // 2
+    if fits(middle):
+      best = middle
+    else:
+      upper = middle
+  return best
 
 
 def _describe(c: Compiled, chips: int, chip: tpu_chips.Chip) -> dict:
