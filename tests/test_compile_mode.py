@@ -36,7 +36,8 @@ GIB = 2**30
 
 def _compile_mode(root, workdir, *flags):
   """The compile mode through the command line, for the shallow tiny model (main_helpers.shallow)."""
-  return subprocess.run([sys.executable, "-m", "dinomaly_jax.main", f"--config=tests/tiny_config.py:{root},shallow",
+  return subprocess.run([sys.executable, "-m", "dinomaly_jax.main",
+                         f"--config=tests/tiny_config.py:{root},shallow",
                          f"--workdir={workdir}", "--mode=compile", *flags], cwd=REPO, text=True,
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=1800)
 

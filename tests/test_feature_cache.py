@@ -99,7 +99,8 @@ def test_batches_follow_the_image_pipeline_and_resume():
   first = [next(full) for _ in range(7)]
   assert all(b["rows"]["bottleneck_input"].shape == (3, 1) for b in first)  # one process holds all
   assert all(list(b["positions"]) == [0, 1, 2] for b in first)
-  np.testing.assert_array_equal(first[4]["rows"]["enc_groups"][0], 2 * first[4]["rows"]["bottleneck_input"][:, 0])
+  rows = first[4]["rows"]
+  np.testing.assert_array_equal(rows["enc_groups"][0], 2 * rows["bottleneck_input"][:, 0])
   epoch = np.concatenate([b["rows"]["bottleneck_input"][:, 0] for b in first[:3]])
   assert len(set(epoch)) == 9  # one epoch: 3 batches, distinct images, remainder dropped
   resumed = next(feature_cache.cached_batches(cache, num_images=10, batch_size=3, seed=5,

@@ -170,7 +170,8 @@ def _summary(rows, calibrations, path) -> None:
 def predict_paths(config, map_fn, variables, todo, calibrations, out_dir, mesh, sink,
                   classes_csv=None) -> tuple[list[dict], float]:
   """(CSV rows, images/s): scores the (path, output stem) pairs of `todo` on `mesh` (this
-  process's devices) in batches of one compiled shape (this process's share of eval.batch_size); writer threads draw heatmaps while the device scores the next batch, and
+  process's devices) in batches of one compiled shape (this process's share of
+  eval.batch_size); writer threads draw heatmaps while the device scores the next batch, and
   each batch's rows go to `sink` once all of them are written. Prints the throughput."""
   bs, crop, p = config.eval.batch_size // jax.process_count(), config.data.crop, config.predict
   started = time.perf_counter()
