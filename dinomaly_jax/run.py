@@ -47,10 +47,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.data.class_separated:
       return _per_class(config, workdir, evaluate_workdir)
     return evaluate_workdir(config, workdir)
-  if config.mode in ("predict", "submit") and jax.process_count() > 1:
-    raise ConfigError(
-        f"config.mode={config.mode!r} runs on one process; start it without the multi-host "
-        "environment (it uses this host's devices).")
+  if config.mode == "submit" and jax.process_count() > 1:
+    raise ConfigError("config.mode='submit' runs on one process; start it without the multi-host "
+                      "environment (it uses this host's devices).")
   if config.mode == "predict":
     return predict.predict(config, workdir)
   if config.mode == "submit":

@@ -29,6 +29,7 @@ URL_SCHEMES = ("gs://", "s3://")
 SYNC_TIMEOUT_MS = 3_600_000  # a host may be an hour behind (downloading, converting weights)
 _sync_ids = itertools.count()  # every process passes the same barriers in the same order
 _captures = []  # the {path: bytes} of the open captured_writes blocks, innermost last
+_own_shares = []  # non-empty inside own_share_writes blocks (any thread)
 
 _fsspec_configured = False
 
@@ -255,7 +256,9 @@ def write_shared(path, data: bytes | str, barrier_name: str | None = None) -> No
       raise ValueError(f"write_shared({path}): no barrier inside captured_writes")
     _captures[-1][str(path)] = data
     return
-  if is_primary():
+  if _own_shares and barrier_name is not None:
+    raise ValueError(f"write_shared({path}): no barrier inside own_share_writes")
+  if is_primary() or _own_shares:
     write_bytes(path, data)
   if barrier_name is not None:
     barrier(barrier_name)
@@ -263,7 +266,19 @@ def write_shared(path, data: bytes | str, barrier_name: str | None = None) -> No
 
 def write_shared_with(path, write_fn, barrier_name: str | None = None) -> None:
   """write_shared of what write_fn(file object) writes (encoded only where it is kept)."""
-  write_shared(path, encoded(write_fn) if is_primary() or _captures else b"", barrier_name)
+  write_shared(path, encoded(write_fn) if is_primary() or _captures or _own_shares else b"", barrier_name)
+
+
+@contextlib.contextmanager
+def own_share_writes():
+  """Inside (on every thread), write_shared writes on every process: the job's files that each
+  process makes for its own share of the work, under names no other process uses (prediction's
+  heatmaps of the images it scored)."""
+  _own_shares.append(True)
+  try:
+    yield
+  finally:
+    _own_shares.pop()
 
 
 @contextlib.contextmanager

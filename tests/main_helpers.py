@@ -23,6 +23,15 @@ def tiny_config(root, **train):
   return c
 
 
+def shallow(config):
+  """The tiny model cut to what a compile needs to be checked quickly: the encoder's first two
+  blocks as target layers (it runs no further; its parameters stay whole) and two decoder blocks."""
+  config.model.target_layers = [0, 1]
+  config.model.fuse_groups = [[0], [1]]
+  config.model.decoder_depth = 2
+  return config
+
+
 def tiny_dataset(root):
   return synthetic.generate(str(root), seed=0, classes=("brick", "nut"), image_size=64,
                             n_train=8, n_test_good=3, n_test_bad=3)

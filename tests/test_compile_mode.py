@@ -1,6 +1,7 @@
 """The compile mode: a TPU slice checked on this CPU machine (libtpu, no TPU).
 
-The command-line tests compile the tiny model (ViT-S, crop 56) for v5e:2x2 (one host)
+The command-line tests compile the tiny model (ViT-S, crop 56), cut to two encoder and two
+decoder blocks (main_helpers.shallow: the compiles take seconds), for v5e:2x2 (one host)
 and v5e:4x4 (four hosts); they need libtpu (`pip install -e .[tpu]`) and are skipped
 only without it. The batch search and the target-platform rules are tested without it.
 """
@@ -34,7 +35,9 @@ GIB = 2**30
 
 
 def _compile_mode(root, workdir, *flags):
-  return subprocess.run([sys.executable, "-m", "dinomaly_jax.main", f"--config=tests/tiny_config.py:{root}",
+  """The compile mode through the command line, for the shallow tiny model (main_helpers.shallow)."""
+  return subprocess.run([sys.executable, "-m", "dinomaly_jax.main",
+                         f"--config=tests/tiny_config.py:{root},shallow",
                          f"--workdir={workdir}", "--mode=compile", *flags], cwd=REPO, text=True,
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=1800)
 
@@ -53,8 +56,9 @@ def _state_bytes(config) -> int:
 
 @needs_libtpu
 def test_single_host_slice_reports_memory_flops_and_an_estimate(data_root, tmp_path):
+  # Maps of 64 x 64 (not 256): the map function's compiles take half as long.
   proc = _compile_mode(data_root, tmp_path, "--config.compile.topology=v5e:2x2",
-                       "--config.compile.find_largest_batch=False")
+                       "--config.compile.find_largest_batch=False", "--config.eval.map_size=64")
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert proc.stderr.strip() == "", proc.stderr  # libtpu says nothing on a machine without a TPU
   out = proc.stdout
@@ -66,7 +70,7 @@ def test_single_host_slice_reports_memory_flops_and_an_estimate(data_root, tmp_p
   report = json.load(open(tmp_path / "compile" / "v5e_2x2.json"))
   assert (report["chips"], report["hosts"]) == (4, 1)
   functions = report["functions"]
-  config = main_helpers.tiny_config(data_root)
+  config = main_helpers.shallow(main_helpers.tiny_config(data_root))
   train = functions["train"]["memory_per_chip_gib"]
   # Arguments per chip: the replicated train state and one 56x56 image, as laid out on
   # the TPU (tiling pads small arrays: within 1%); the state is donated (reused) whole.
@@ -78,8 +82,10 @@ def test_single_host_slice_reports_memory_flops_and_an_estimate(data_root, tmp_p
   assert train["total"] == pytest.approx(train["arguments"] + train["temporaries"] + train["code"], rel=0.01)
   # The backward pass: the train step costs more per image than the forward map.
   assert functions["train"]["gflop_per_image"] > 1.5 * functions["eval"]["gflop_per_image"]
-  # The exported function is the map function plus the calibration lookup: same work, within 5%.
-  assert functions["predict"]["gflop_per_image"] == pytest.approx(functions["eval"]["gflop_per_image"], rel=0.05)
+  # The exported function is the map function plus the calibration lookup: the same work. Its
+  # one-chip program is counted against eval's 4-chip partitioned one, which XLA counts 0.042
+  # GFLOP per image lower (measured: eval compiled for one chip counts 0.4082, predict 0.4084).
+  assert functions["predict"]["gflop_per_image"] == pytest.approx(functions["eval"]["gflop_per_image"], abs=0.05)
   chip = tpu_chips.CHIPS["v5e"]
   for name, r in functions.items():  # the roofline, recomputed from the printed figures
     chips = 1 if name == "predict" else 4
@@ -92,25 +98,27 @@ def test_single_host_slice_reports_memory_flops_and_an_estimate(data_root, tmp_p
 
 @needs_libtpu
 def test_multi_host_slice_finds_the_largest_batch_and_refuses_one_that_does_not_fit(data_root, tmp_path):
-  """v5e:4x4 is 16 chips on 4 hosts. With 0.2 GiB allowed per chip (compile.max_memory_gib,
-  so that the tiny model's batches stay small and quick to compile), an evaluation batch of
-  16 x 64 does not fit: one line names it, its memory and the largest batch that does."""
+  """v5e:4x4 is 16 chips on 4 hosts. With 0.045 GiB allowed per chip (compile.max_memory_gib,
+  so that the tiny model's batches stay small and quick to compile: the parameters alone are
+  0.034 GiB), an evaluation batch of 16 x 4 does not fit: one line names it, its memory and the
+  largest batch that does (two compiles: 4 per chip, then 2, which fits, and the memory line
+  through them puts nothing larger under the budget)."""
   proc = _compile_mode(data_root, tmp_path, "--config.compile.topology=v5e:4x4",
-                       "--config.compile.functions=('eval',)", f"--config.eval.batch_size={16 * 64}",
-                       "--config.compile.max_memory_gib=0.2")
+                       "--config.compile.functions=('eval',)", f"--config.eval.batch_size={16 * 4}",
+                       "--config.compile.max_memory_gib=0.045")
   assert proc.returncode == 1, proc.stdout + proc.stderr
   assert "Compiling for v5e:4x4: 16 chips (TPU v5 lite), 4 hosts;" in proc.stdout
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
   match = re.fullmatch(
-      r"error: evaluation map function at global batch 1024 on v5e:4x4 needs ([0-9.]+) GiB per chip, "
-      r"over the 0.2 GiB allowed per chip \(compile.max_memory_gib\); the largest global batch that fits "
+      r"error: evaluation map function at global batch 64 on v5e:4x4 needs ([0-9.]+) GiB per chip, "
+      r"over the 0.045 GiB allowed per chip \(compile.max_memory_gib\); the largest global batch that fits "
       r"is (\d+) \(([0-9.]+) GiB per chip\)\.", lines[0])
   assert match, lines[0]
   need, largest, memory = float(match[1]), int(match[2]), float(match[3])
-  assert need > 0.2
-  assert largest % 16 == 0 and 16 <= largest < 1024
-  assert 0.1 < memory <= 0.2  # checked by a compile at that batch (the parameters alone: 0.13 GiB)
+  assert need > 0.045
+  assert largest % 16 == 0 and 16 <= largest < 64
+  assert 0.03 < memory <= 0.045  # checked by a compile at that batch (the parameters alone: 0.034 GiB)
 
 
 def test_largest_batch_search_takes_few_compiles():

@@ -4,9 +4,11 @@ The encoder is an official-format DINOv2 ViT-S/14 (4 registers) state dict built
 `dinov2` package, every tensor random. Each process has its own cache folder, as hosts that see
 only their own disk: each converts the .pth itself, after the distributed start-up.
 """
+import csv
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,6 +20,7 @@ import portpicker
 import pytest
 import torch
 
+from dinomaly_jax.inference import prediction_csv
 from dinomaly_jax.weights import converted
 from tests import main_helpers
 
@@ -135,6 +138,63 @@ def test_four_processes_of_two_devices_train_like_one(weights, tmp_path):
     for key, value in one[name].items():
       # Same global batches and dropout keys on 8 devices; only the order of float sums differs.
       assert four[name][key] == pytest.approx(value, abs=1e-4), (name, key)
+
+
+def _predictions(out):
+  """predictions.csv's rows, each heatmap relative to the output folder."""
+  rows = list(csv.DictReader(open(out / prediction_csv.CSV_FILE)))
+  for r in rows:
+    r["heatmap"] = os.path.relpath(r["heatmap"], out)
+  return rows
+
+
+def test_predict_on_two_processes_writes_the_rows_of_one_and_resumes(weights, tmp_path):
+  """Image i is scored by process i mod 2 on its own device; the joined predictions.csv equals one
+  process's, in input order. A resumed run (rows lost from the CSV, a killed process's part with a
+  torn line) scores only what is missing and duplicates nothing."""
+  _, vitill_file, root = weights
+  workdir, cache = tmp_path / "reference", tmp_path / "cache0"
+  _run(root, workdir, [cache], "--mode=eval", *_pretrained(vitill_file))  # calibration.json
+  pattern = f"{root}/*/test/[gs]*/*.png"  # 9 images: 5 on process 0, 4 on process 1
+  predict = lambda out: ["--mode=predict", f"--config.predict.input={pattern}",
+                         f"--config.predict.output={out}", "--config.eval.batch_size=2"]
+  _run(None, workdir, [cache], *predict(tmp_path / "one"))
+  one = _predictions(tmp_path / "one")
+  assert len(one) == 9
+  out = tmp_path / "two"
+  outs = _run(None, workdir, [cache, tmp_path / "cache1"], *predict(out))
+  assert "9 images: " in outs[0] and "images: " not in outs[1]  # one summary, of every image
+  assert "Process 0: Predicted 5 images" in outs[0] and "Process 1: Predicted 4 images" in outs[1]
+  two = _predictions(out)
+  assert not (out / prediction_csv.PARTS).exists() or not os.listdir(out / prediction_csv.PARTS)
+
+  def assert_same(rows):
+    assert [r["image"] for r in rows] == [r["image"] for r in one]
+    for a, b in zip(rows, one):
+      # Batches of 1 per process against batches of 2: the float sums' order may differ.
+      assert float(a["score"]) == pytest.approx(float(b["score"]), rel=1e-5, abs=1e-7), a["image"]
+      others = lambda row: {k: v for k, v in row.items() if "score" not in k}
+      assert others(a) == others(b)
+      assert os.path.getsize(out / a["heatmap"])
+
+  assert_same(two)
+  # A kill: the CSV keeps 3 rows; process 1's part holds the 4th image's row and a torn line.
+  with open(out / prediction_csv.CSV_FILE, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=prediction_csv.FIELDS)
+    writer.writeheader()
+    writer.writerows(dict(r, heatmap=str(out / r["heatmap"])) for r in two[:3])
+  os.makedirs(out / prediction_csv.PARTS, exist_ok=True)
+  with open(out / prediction_csv.PARTS / "process-00001.csv", "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=prediction_csv.FIELDS)
+    writer.writeheader()
+    writer.writerow(dict(two[3], heatmap=str(out / two[3]["heatmap"])))
+    f.write(f"{two[5]['image']},nut,pa")
+  shutil.rmtree(out / "nut")  # heatmaps of the lost rows are written again
+  outs = _run(None, workdir, [cache, tmp_path / "cache1"], *predict(out))
+  assert "Resuming: 4 of 9 images already have a row" in outs[0]
+  assert "5 images: " in outs[0]
+  assert_same(_predictions(out))
+  assert not os.listdir(out / prediction_csv.PARTS)
 
 
 def _flat(tree, prefix=""):

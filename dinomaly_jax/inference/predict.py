@@ -109,29 +109,43 @@ def output_stems(paths: list[str]) -> list[str]:
 
 def predict(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Writes predictions.csv and (predict.heatmaps) one heatmap PNG per image into predict.output;
-  returns the rows of the images scored in this run."""
+  returns the rows of the images scored in this run (on several processes: the primary process
+  returns every process's, the others their own).
+
+  Several processes: image i is scored by process i mod P on its own devices (its share of
+  eval.batch_size per batch), which writes its heatmaps and appends its rows to its own part of
+  the CSV; the primary process joins the parts into predictions.csv at the end (prediction_csv.py).
+  """
   p = config.predict
   paths = list_images(p.input)
   calibrations = calibration.load(workdir)
   if p.class_name and p.class_name not in calibrations:
     raise DataError(f"config.predict.class_name={p.class_name!r} is not a trained class; "
                     f"known: {sorted(k for k in calibrations if k != calibration.POOLED)}.")
+  evaluate.check_inputs(config)
   classes_csv = read_classes_csv(p.classes_csv, storage.common_folder(paths), calibrations)
   out_dir = p.output or storage.join(workdir, "predictions")
-  sink = prediction_csv.PredictionCsv(out_dir, resume=p.resume)
-  todo = [(path, stem) for path, stem in zip(paths, output_stems(paths)) if path not in sink.done]
-  if sink.skipped:
-    print(f"Resuming: {len(paths) - len(todo)} of {len(paths)} images already have a row in {sink.path}; "
+  n_proc, me = jax.process_count(), jax.process_index()
+  sink = prediction_csv.PredictionCsv(out_dir, resume=p.resume, process_index=me, process_count=n_proc)
+  mine = [(path, stem) for i, (path, stem) in enumerate(zip(paths, output_stems(paths))) if i % n_proc == me]
+  todo = [(path, stem) for path, stem in mine if path not in sink.done]
+  skipped = sum(path in sink.done for path in paths)
+  if skipped and storage.is_primary():
+    print(f"Resuming: {skipped} of {len(paths)} images already have a row in {sink.path}; "
           "skipped (predict.resume=False starts over).", flush=True)
-  rows = []
-  if todo:
+  if sum(sharding.gather_objects(len(todo))):  # every process restores the checkpoint together
     mesh = sharding.make_mesh()
     model, state = model_state.load_trained(config, workdir, mesh)
-    rows, _ = predict_paths(config, evaluate.make_map_fn(model, config), model_state.variables(state),
-                            todo, calibrations, out_dir, mesh, sink, classes_csv)
-  path = sink.close()
-  _summary(rows, calibrations, path)
-  return rows
+    here = sharding.local_mesh(mesh)
+    variables = sharding.to_local(model_state.variables(state), here)
+    with storage.own_share_writes():  # each process writes its own images' heatmaps
+      if todo:
+        predict_paths(config, evaluate.make_map_fn(model, config), variables, todo, calibrations, out_dir,
+                      here, sink, classes_csv)
+  path = sink.close(paths)
+  if storage.is_primary():
+    _summary(sink.this_run, calibrations, path)
+  return sink.this_run
 
 
 def _summary(rows, calibrations, path) -> None:
@@ -155,10 +169,11 @@ def _summary(rows, calibrations, path) -> None:
 
 def predict_paths(config, map_fn, variables, todo, calibrations, out_dir, mesh, sink,
                   classes_csv=None) -> tuple[list[dict], float]:
-  """(CSV rows, images/s): scores the (path, output stem) pairs of `todo` in batches of one
-  compiled shape; writer threads draw heatmaps while the device scores the next batch, and
+  """(CSV rows, images/s): scores the (path, output stem) pairs of `todo` on `mesh` (this
+  process's devices) in batches of one compiled shape (this process's share of
+  eval.batch_size); writer threads draw heatmaps while the device scores the next batch, and
   each batch's rows go to `sink` once all of them are written. Prints the throughput."""
-  bs, crop, p = config.eval.batch_size, config.data.crop, config.predict
+  bs, crop, p = config.eval.batch_size // jax.process_count(), config.data.crop, config.predict
   started = time.perf_counter()
   spec = jax.ShapeDtypeStruct((bs, crop, crop, 3), np.float32, sharding=sharding.data_sharding(mesh))
   scorer = map_fn.lower(variables, spec).compile()
@@ -193,7 +208,8 @@ def predict_paths(config, map_fn, variables, todo, calibrations, out_dir, mesh, 
       flush(wait=False)
     flush(wait=True)
   seconds = time.perf_counter() - compiled
-  print(f"Predicted {len(rows)} images in {seconds:.1f} s ({len(rows) / seconds:.2f} images/s; "
+  who = f"Process {jax.process_index()}: " if jax.process_count() > 1 else ""
+  print(f"{who}Predicted {len(rows)} images in {seconds:.1f} s ({len(rows) / seconds:.2f} images/s; "
         f"compiling took {compiled - started:.1f} s).", flush=True)
   return rows, len(rows) / seconds
 

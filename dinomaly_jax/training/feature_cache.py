@@ -10,10 +10,12 @@ path, batch for batch in the same shuffled order as the image pipeline.
 
 Sharded over hosts: each process keeps only the rows it encoded (`owned_rows`: with
 global batch G = B x P, row r belongs to process (r mod G) // B), about 1/P of the
-cache. At each step every process puts the rows it owns of the global batch at their
-positions in a (G, ...) block of zeros (`cached_batches`); `assemble` sums the P blocks
-on the devices (one reduce-scatter) into the global batch split on "data". So the
-batches are the image pipeline's, exactly, for any number of processes.
+cache. At each step every process uploads only the rows it holds of the global batch: a
+(K, ...) block and their positions in the batch (-1: padding), K the most rows any process
+holds in any step of the epoch (`upload_rows`, about G/P: every host computes it alike from
+the shuffled order, no communication); `place` scatters the P blocks on the devices into
+the global batch split on "data". So the batches are the image pipeline's, exactly, for any
+number of processes, and the host-to-device traffic per process falls with P.
 """
 import itertools
 
@@ -138,52 +140,91 @@ def _local_rows(x: jax.Array, process_index: int, batch_size: int) -> np.ndarray
   return rows
 
 
+def holders(rows: np.ndarray, batch_size: int, process_count: int) -> np.ndarray:
+  """The process that holds each row id (`owned_rows`): (r mod G) // B, G = B x P."""
+  return (np.asarray(rows) % (batch_size * process_count)) // batch_size
+
+
+def upload_rows(steps: np.ndarray, batch_size: int, process_count: int, multiple: int = 1) -> int:
+  """K: the most rows any process holds in any of the global batches `steps` ((S, G) row ids),
+  rounded up to a multiple of `multiple` (the local devices, which split it). The same on
+  every process."""
+  held = holders(steps, batch_size, process_count)  # (S, G)
+  counts = (held[..., None] == np.arange(process_count)).sum(1)  # (S, P)
+  return -(-int(counts.max()) // multiple) * multiple
+
+
 def cached_batches(cache: dict, *, num_images: int, batch_size: int, seed: int,
-                   start_step: int = 0, process_index: int = 0, process_count: int = 1):
-  """Endless (G, ...) blocks, G = batch_size x process_count, in the order of
-  pipeline.train_iterator (a seeded shuffle of all rows per epoch, global batches,
-  remainder dropped): the rows of each global batch that this process holds, at their
-  positions, zeros elsewhere. Summed over processes (`assemble`) they are the batch."""
+                   start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                   multiple: int = 1):
+  """Endless uploads {"rows": (K, ...) tree, "positions": (K,) int32}, in the order of
+  pipeline.train_iterator (a seeded shuffle of all rows per epoch, global batches of
+  G = batch_size x process_count, remainder dropped): the rows of each global batch that this
+  process holds and their positions in it, padded to K rows (zeros, position -1). K is
+  upload_rows over the epoch's steps (never smaller than before; `multiple`: the local
+  devices). `place` makes the P uploads the global batch."""
   global_batch = batch_size * process_count
   order = (grain.MapDataset.range(num_images).shuffle(seed=seed % 2**32)
            .batch(global_batch, drop_remainder=True).repeat())[start_step:]
   slot = np.full(num_images, -1)  # row id -> its index in this process's cache
   held = owned_rows(num_images, batch_size, process_index, process_count)
   slot[held[held >= 0]] = np.nonzero(held >= 0)[0]
-  for step in itertools.count():
-    rows = slot[np.asarray(order[step])]  # (G,) -1 where another process holds the row
-    mine = rows >= 0
+  epoch = max(1, num_images // global_batch)  # steps
+  k = 0
+  for first in itertools.count(0, epoch):
+    steps = np.stack([np.asarray(order[first + i]) for i in range(epoch)])  # (S, G) row ids
+    k = max(k, upload_rows(steps, batch_size, process_count, multiple))
+    for ids in steps:
+      positions = np.nonzero(holders(ids, batch_size, process_count) == process_index)[0]  # (n <= K,)
+      rows = slot[ids[positions]]
 
-    def block(c, rows=rows, mine=mine):
-      out = np.zeros((global_batch, *c.shape[1:]), c.dtype)
-      out[mine] = c[rows[mine]]
-      return out
+      def block(c, rows=rows):
+        out = np.zeros((k, *c.shape[1:]), c.dtype)
+        out[:len(rows)] = c[rows]
+        return out
 
-    yield jax.tree.map(block, cache)
+      padded = np.full(k, -1, np.int32)
+      padded[:len(positions)] = positions
+      yield {"rows": jax.tree.map(block, cache), "positions": padded}
 
 
-def make_assemble(mesh, process_count: int):
-  """jit: the processes' (G, ...) blocks, as one global (P*G, ...) array split on "data",
-  -> the global batch (G, ...) in float32 split on "data" (a sum: each row is nonzero in
-  exactly one block, so it is exact)."""
+def make_place(mesh, global_batch: int):
+  """jit: the processes' uploads (cached_batches), as global arrays ((P*K, ...) rows and (P*K,)
+  positions split on "data"), -> the global batch (G, ...) in float32 split on "data": each row
+  scattered to its position, padding dropped (exact: every position gets one row)."""
   out = sharding.data_sharding(mesh)
 
   @jax.jit
-  def assemble(blocks):
-    def one(x):
-      summed = x.reshape(process_count, -1, *x.shape[1:]).astype(jnp.float32).sum(0)
-      return jax.lax.with_sharding_constraint(summed, out)
-    return jax.tree.map(one, blocks)
+  def place(upload):
+    positions = upload["positions"]
+    target = jnp.where(positions >= 0, positions, global_batch)  # padding: past the end, dropped
 
-  return assemble
+    def one(x):
+      batch = jnp.zeros((global_batch, *x.shape[1:]), jnp.float32)
+      return jax.lax.with_sharding_constraint(batch.at[target].set(x.astype(jnp.float32), mode="drop"), out)
+
+    return jax.tree.map(one, upload["rows"])
+
+  return place
+
+
+def make_assemble(mesh, process_count: int = 1):
+  """jit: one process's (G, ...) feature batch split on "data" -> float32 (the cast the
+  benchmarks time; training places uploads with make_place)."""
+  if process_count != 1:
+    raise ValueError("make_assemble casts one process's batch; several processes: make_place.")
+  out = sharding.data_sharding(mesh)
+  return jax.jit(lambda batch: jax.tree.map(
+      lambda x: jax.lax.with_sharding_constraint(x.astype(jnp.float32), out), batch))
 
 
 def cached_training(config, model: Dinomaly, encoder_params, records, mesh, start_step: int = 0):
   """(batches, step_fn) to use in place of the image pipeline and the image train step.
 
-  batches yields this process's host-local (G, ...) feature blocks (pass them through
-  sharding.global_batch like image batches); step_fn(state, global_blocks) assembles
-  them into the float32 global batch on the devices and runs the from_features train step.
+  batches yields this process's host-local uploads (its (K, ...) rows of each global batch
+  and their positions; pass them through sharding.global_batch like image batches);
+  step_fn(state, global_uploads) places them into the float32 global batch on the devices
+  and runs the from_features train step.
   """
   n_proc, p_index = jax.process_count(), jax.process_index()
   local_batch = config.train.batch_size // n_proc
@@ -193,13 +234,14 @@ def cached_training(config, model: Dinomaly, encoder_params, records, mesh, star
   cache = build_cache(model, encoder_params, records, config.data, mesh, batch_size=local_batch,
                       process_index=p_index, process_count=n_proc)
   batches = cached_batches(cache, num_images=len(records), batch_size=local_batch, seed=config.seed,
-                           start_step=start_step, process_index=p_index, process_count=n_proc)
+                           start_step=start_step, process_index=p_index, process_count=n_proc,
+                           multiple=jax.local_device_count())
   return batches, make_cached_step(model, config, mesh)
 
 
 def make_cached_step(model: Dinomaly, config, mesh):
-  """step_fn(state, global_blocks): assembles the processes' feature blocks into the float32
+  """step_fn(state, global_uploads): places the processes' uploaded rows into the float32
   global batch on the devices and runs the from_features train step (optimizer from config.train)."""
   step = train_step.make_train_step(model, config, mesh, from_features=True)
-  assemble = make_assemble(mesh, jax.process_count())
-  return lambda state, blocks: step(state, assemble(blocks))
+  place = make_place(mesh, config.train.batch_size)
+  return lambda state, upload: step(state, place(upload))
