@@ -8,7 +8,8 @@ up to 4000x3000; smooth content so the disk stays small), trains the tiny demo m
 random encoder, 56 px crop) for 2 steps, then runs `python -m dinomaly_jax.main --mode=predict`
 as a subprocess on the first `count` images for each count, heatmaps on and off, and reads
 the subprocess's peak RSS (wait4's ru_maxrss). Bounded memory means the peak stays flat as
-the count grows. Writes predict-scale-<date>.json and .md into --out.
+the count grows, and within a run from its first quarter to its last (the resident memory
+is read every half second). Writes predict-scale-<date>.json and .md into --out.
 """
 import argparse
 import datetime
@@ -17,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -25,6 +27,7 @@ from PIL import Image
 from tests import main_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_S = 0.5  # how often the resident memory of the predict process is read
 
 
 def generate(folder: str, n: int, seed: int = 0) -> list[str]:
@@ -52,14 +55,36 @@ def _predict(workdir, images_glob, out, heatmaps: bool) -> dict:
           f"--config.predict.heatmaps={heatmaps}", "--config.predict.resume=False", "--config.predict.class_name=nut"]
   start = time.perf_counter()
   proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  output = proc.stdout.read()
+  chunks = []
+  reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()))
+  reader.start()
+  samples = []  # the resident memory (MiB) every SAMPLE_S while the process runs
+  while reader.is_alive():
+    samples.append(_rss_mib(proc.pid))
+    reader.join(SAMPLE_S)
   _, status, usage = os.wait4(proc.pid, 0)
   wall = time.perf_counter() - start
+  output = "".join(chunks)
   if status != 0:
     raise RuntimeError(output)
   line = [l for l in output.splitlines() if l.startswith("Predicted ")][-1]
   rate = float(line.split("(")[1].split(" images/s")[0])
-  return {"peak_rss_mib": usage.ru_maxrss / 1024, "images_per_s": rate, "wall_s": wall, "line": line}
+  samples = [x for x in samples if x is not None]
+  quarters = [float(np.max(q)) for q in np.array_split(np.asarray(samples), 4)] if len(samples) >= 4 else []
+  return {"peak_rss_mib": usage.ru_maxrss / 1024, "peak_rss_mib_by_quarter": quarters, "images_per_s": rate,
+          "wall_s": wall, "line": line}
+
+
+def _rss_mib(pid: int) -> float | None:
+  """The resident set of process pid now, MiB (None once it has exited)."""
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for row in f:
+        if row.startswith("VmRSS:"):
+          return int(row.split()[1]) / 1024
+  except OSError:
+    return None
+  return None
 
 
 def main(argv=None):
@@ -98,9 +123,10 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, f"predict-scale-{date}.json"), "w") as f:
     json.dump(meta, f, indent=2)
-  lines = ["| images | large (<= 4000x3000) | heatmaps | peak RSS MiB | images/s |", "|---:|---:|---|---:|---:|"]
+  lines = ["| images | large (<= 4000x3000) | heatmaps | peak RSS MiB | peak RSS in each quarter of the run, MiB "
+           "| images/s |", "|---:|---:|---|---:|---|---:|"]
   lines += [f"| {r['images']} | {r['large']} | {'on' if r['heatmaps'] else 'off'} | {r['peak_rss_mib']:.0f} | "
-            f"{r['images_per_s']:.2f} |" for r in rows]
+            f"{', '.join(f'{q:.0f}' for q in r['peak_rss_mib_by_quarter'])} | {r['images_per_s']:.2f} |" for r in rows]
   with open(os.path.join(args.out, f"predict-scale-{date}.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
