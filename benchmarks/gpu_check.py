@@ -84,13 +84,14 @@ def train(jm: JaxDinomaly, steps: int) -> dict:
 def train_cached(jm: JaxDinomaly, steps: int) -> dict:
   host = {"image": np.array(jm.images(jm.config.train.batch_size))}
   features = jm.cached_features(sharding.global_batch(host, jm.mesh, "train.batch_size")["image"])
-  cast = feature_cache.make_assemble(jm.mesh, 1)  # one process: the cast to float32
-  step, compile_s = jm.compile_train_step(cast(sharding.global_batch(features, jm.mesh, "train.batch_size")),
+  upload = feature_cache.one_process_upload(features)  # placed and cast on the device, as in training
+  place = feature_cache.make_place(jm.mesh, len(upload["positions"]))
+  step, compile_s = jm.compile_train_step(place(sharding.global_batch(upload, jm.mesh, "train.batch_size")),
                                           from_features=True)
   holder = {"state": jm.fresh_state()}
 
   def one():
-    holder["state"], metrics = step(holder["state"], cast(sharding.global_batch(features, jm.mesh, "train.batch_size")))
+    holder["state"], metrics = step(holder["state"], place(sharding.global_batch(upload, jm.mesh, "train.batch_size")))
     return metrics
 
   jax.block_until_ready(one())

@@ -137,14 +137,15 @@ def _jax_rows(args, config, host_images, meta) -> list:
     rows.append(_time_task("train", "jax", jax_step, args.repeats, _cost_gflop(step), meta))
   if "train_cached" in args.tasks:  # bfloat16 host features, cast on the device as in training
     features = jm.cached_features(images)
-    cast = feature_cache.make_assemble(jm.mesh, 1)  # one process: the cast to float32
-    cached, _ = jm.compile_train_step(cast(sharding.global_batch(features, jm.mesh, "train.batch_size")),
+    upload = feature_cache.one_process_upload(features)  # placed and cast on the device, as in training
+    place = feature_cache.make_place(jm.mesh, len(upload["positions"]))
+    cached, _ = jm.compile_train_step(place(sharding.global_batch(upload, jm.mesh, "train.batch_size")),
                                       from_features=True)
     cached_holder = {"state": jm.fresh_state()}
 
     def cached_step():
       cached_holder["state"], metrics = cached(cached_holder["state"],
-                                               cast(sharding.global_batch(features, jm.mesh, "train.batch_size")))
+                                               place(sharding.global_batch(upload, jm.mesh, "train.batch_size")))
       jax.block_until_ready(metrics)
 
     rows.append(_time_task("train_cached", "jax_cached", cached_step, args.repeats,

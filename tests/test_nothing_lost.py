@@ -52,7 +52,7 @@ def _env(jax_cache, **extra):
 
 
 def _train_command(data_root, workdir, *flags):
-  return [sys.executable, "-m", "dinomaly_jax.main", f"--config=tests/shallow_config.py:{data_root}",
+  return [sys.executable, "-m", "dinomaly_jax.main", f"--config=tests/tiny_config.py:{data_root},shallow",
           f"--workdir={workdir}", "--config.data.workers=0", *flags]
 
 

@@ -1,7 +1,7 @@
 """The tiny end-to-end config as a config file, for command-line tests.
 
   --config=tests/tiny_config.py:/path/to/dataset
-  --config=tests/tiny_config.py:/path/to/dataset,shallow   (main_helpers.shallow: compile tests)
+  --config=tests/tiny_config.py:/path/to/dataset,shallow   (main_helpers.shallow: compile mode, many restarts)
 """
 from tests import main_helpers
 

@@ -208,14 +208,9 @@ def make_place(mesh, global_batch: int):
   return place
 
 
-def make_assemble(mesh, process_count: int = 1):
-  """jit: one process's (G, ...) feature batch split on "data" -> float32 (the cast the
-  benchmarks time; training places uploads with make_place)."""
-  if process_count != 1:
-    raise ValueError("make_assemble casts one process's batch; several processes: make_place.")
-  out = sharding.data_sharding(mesh)
-  return jax.jit(lambda batch: jax.tree.map(
-      lambda x: jax.lax.with_sharding_constraint(x.astype(jnp.float32), out), batch))
+def one_process_upload(features: dict) -> dict:
+  """One process's whole (G, ...) feature batch as the upload make_place takes (rows in order)."""
+  return {"rows": features, "positions": np.arange(len(features["bottleneck_input"]), dtype=np.int32)}
 
 
 def cached_training(config, model: Dinomaly, encoder_params, records, mesh, start_step: int = 0):
