@@ -165,13 +165,15 @@ def test_export_reloads_and_gives_the_same_maps(trained, data_root):
 
 
 def test_resume_follows_the_uninterrupted_trajectory(data_root, tmp_path):
-  straight = main_helpers.tiny_config(data_root, steps=20, checkpoint_every=10, eval_every=0)
+  """train.stop_after then a resume, in process (tests/test_nothing_lost.py kills and resumes
+  the command line at random steps)."""
+  straight = main_helpers.tiny_config(data_root, steps=6, checkpoint_every=3, eval_every=0)
   run.run(straight, str(tmp_path / "straight"))
-  split = main_helpers.tiny_config(data_root, steps=20, checkpoint_every=10, eval_every=0,
-                                   stop_after=10)
-  run.run(split, str(tmp_path / "split"))  # stops (and checkpoints) after step 10
-  assert sorted(os.listdir(tmp_path / "split" / "checkpoints")) == ["10"]
-  run.run(split, str(tmp_path / "split"))  # resumes at step 10, runs to 20
+  split = main_helpers.tiny_config(data_root, steps=6, checkpoint_every=3, eval_every=0,
+                                   stop_after=3)
+  run.run(split, str(tmp_path / "split"))  # stops (and checkpoints) after step 3
+  assert sorted(os.listdir(tmp_path / "split" / "checkpoints")) == ["3"]
+  run.run(split, str(tmp_path / "split"))  # resumes at step 3, runs to 6
   a = _params(straight, str(tmp_path / "straight"))
   b = _params(split, str(tmp_path / "split"))
   diff = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
