@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from benchmarks import direct_aupro
+from benchmarks import timing
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
@@ -38,14 +39,6 @@ def generate(n: int, size: int, seed: int = 0):
   return scores, labels, maps, masks
 
 
-def _memory(field: str) -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field):
-        return int(line.split()[1]) * 1024
-  raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _case(args):
   """Runs one case in this (fresh) process: (wall s, CPU s, extra peak bytes, value)."""
   name, n, size = args
@@ -59,13 +52,13 @@ def _case(args):
       "AUPRO reference, vectorised": lambda: aupro.aupro_reference(maps, masks > 0),
       "AUPRO reference, direct per threshold": lambda: _direct(maps, masks > 0),
   }
-  base = _memory("VmRSS")
+  base = timing.status_bytes("VmRSS")
   with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak RSS to the current RSS
   start, cpu_start = time.perf_counter(), time.process_time()
   value = calls[name]()
   seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-  return seconds, cpu_seconds, _memory("VmHWM") - base, float(value)
+  return seconds, cpu_seconds, timing.status_bytes("VmHWM") - base, float(value)
 
 
 def _direct(maps, masks):

@@ -21,19 +21,12 @@ import tempfile
 import numpy as np
 import portpicker
 
+from benchmarks import timing
 from dinomaly_jax.data import synthetic
 from dinomaly_jax.training import feature_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ("brick", "grass", "nut", "pill")
-
-
-def _peak_rss_bytes() -> int:
-  with open("/proc/self/status") as f:  # this process's high-water mark
-    for line in f:
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) * 1024
-  raise RuntimeError("VmHWM not in /proc/self/status")
 
 
 def child(report: str, argv: list[str]) -> None:
@@ -45,7 +38,7 @@ def child(report: str, argv: list[str]) -> None:
   except SystemExit as e:
     code = e.code or 0
   with open(report, "w") as f:
-    json.dump({"peak_rss_bytes": _peak_rss_bytes(), "exit": code}, f)
+    json.dump({"peak_rss_bytes": timing.status_bytes("VmHWM"), "exit": code}, f)
   sys.exit(code)
 
 

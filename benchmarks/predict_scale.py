@@ -24,6 +24,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from benchmarks import timing
 from tests import main_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,9 +59,9 @@ def _predict(workdir, images_glob, out, heatmaps: bool) -> dict:
   chunks = []
   reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()))
   reader.start()
-  samples = []  # the resident memory (MiB) every SAMPLE_S while the process runs
+  samples = []  # the resident memory (bytes) every SAMPLE_S while the process runs
   while reader.is_alive():
-    samples.append(_rss_mib(proc.pid))
+    samples.append(timing.status_bytes("VmRSS", proc.pid))
     reader.join(SAMPLE_S)
   _, status, usage = os.wait4(proc.pid, 0)
   wall = time.perf_counter() - start
@@ -69,22 +70,10 @@ def _predict(workdir, images_glob, out, heatmaps: bool) -> dict:
     raise RuntimeError(output)
   line = [l for l in output.splitlines() if l.startswith("Predicted ")][-1]
   rate = float(line.split("(")[1].split(" images/s")[0])
-  samples = [x for x in samples if x is not None]
+  samples = [x / 2**20 for x in samples if x is not None]  # MiB
   quarters = [float(np.max(q)) for q in np.array_split(np.asarray(samples), 4)] if len(samples) >= 4 else []
   return {"peak_rss_mib": usage.ru_maxrss / 1024, "peak_rss_mib_by_quarter": quarters, "images_per_s": rate,
           "wall_s": wall, "line": line}
-
-
-def _rss_mib(pid: int) -> float | None:
-  """The resident set of process pid now, MiB (None once it has exited)."""
-  try:
-    with open(f"/proc/{pid}/status") as f:
-      for row in f:
-        if row.startswith("VmRSS:"):
-          return int(row.split()[1]) / 1024
-  except OSError:
-    return None
-  return None
 
 
 def main(argv=None):

@@ -100,6 +100,20 @@ def device_peak_bytes():
   return stats.get("peak_bytes_in_use")
 
 
+def status_bytes(field: str, pid="self") -> int | None:
+  """A memory field of Linux's /proc/<pid>/status (VmRSS: resident now, VmHWM: its peak), in
+  bytes; None once the process has exited."""
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      lines = f.readlines()
+  except OSError:
+    return None
+  for line in lines:
+    if line.startswith(f"{field}:"):
+      return int(line.split()[1]) * 1024
+  raise RuntimeError(f"{field} not in /proc/{pid}/status")
+
+
 def cpu_model() -> str:
   try:
     with open("/proc/cpuinfo") as f:
