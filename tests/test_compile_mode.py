@@ -171,6 +171,27 @@ def test_largest_batch_search_bisects_when_memory_grows_faster_than_its_line():
     assert len(calls) <= 3 + slice_compile.BISECT_COMPILES, calls
 
 
+def test_largest_batch_search_climbs_when_memory_grows_slower_than_its_line():
+  """Memory a + s*b^p (p < 1) per chip (as ViT-S's map function on v6e: the line through 4 and 8
+  per chip put 868 at 32 GiB, and it compiled at 23.3): the search tries further up and ends
+  at 85% of the budget or more, never over, in at most 3 + CLIMB_COMPILES compiles."""
+  for a, s, p, configured in ((0.23, 0.045, 0.94, 4), (0.3, 0.2, 0.8, 4), (1.0, 0.5, 0.7, 8), (0.1, 0.05, 0.9, 1)):
+    calls = []
+
+    def measure(b, cache={}):  # pylint: disable=dangerous-default-value
+      if b not in cache:
+        calls.append(b)
+        total = (a + s * b**p) * GIB
+        cache[b] = None if total > 34 * GIB else slice_compile.Compiled(b, int(total), 0, 0, 0, 0, 1.0, 1.0, 0.0)
+      return cache[b]
+
+    truth = max(b for b in range(1, 20000) if a + s * b**p <= 31.75)
+    found = slice_compile._largest_batch(measure, configured, 31.75 * GIB)  # pylint: disable=protected-access
+    assert found is not None and found.per_chip_batch <= truth, (a, s, p, calls)
+    assert found.total_bytes >= slice_compile._FAR_UNDER * 31.75 * GIB, (a, s, p, calls)  # pylint: disable=protected-access
+    assert len(calls) <= 3 + slice_compile.CLIMB_COMPILES, calls
+
+
 def test_compile_options_and_attention_follow_the_target_not_the_host():
   q = np.zeros((1, 4, 2, 8), np.float32)
   assert jax.default_backend() == "cpu"

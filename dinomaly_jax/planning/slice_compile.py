@@ -43,6 +43,8 @@ MAX_PER_CHIP = 4096  # the largest per-chip batch the search considers
 _HBM_SHARES = (1.0, 0.98, 0.95)  # of the memory budget, aimed at by the search's successive tries
 _NEAR = 1.05  # a try at most this far over the budget is followed by the next share
 BISECT_COMPILES = 6  # else (memory not linear in the batch) at most this many bisections
+_FAR_UNDER = 0.85  # a fitting try under this share of the budget is followed by one further up
+CLIMB_COMPILES = 3  # at most this many such tries (memory growing slower than the line)
 
 
 class DoesNotFit(ConfigError):
@@ -235,7 +237,8 @@ def _line(tried: dict) -> dict:
 def _largest_batch(measure, per_chip: int, budget: float) -> Compiled | None:
   """The largest per-chip batch whose compile fits in `budget` bytes. Two compiled batches
   (the configured one and its double or half) give the memory line; its crossing with the
-  budget is checked by a compile (if over, aiming at 98% then 95% of the budget)."""
+  budget is checked by a compile (if over, aiming at 98% then 95% of the budget; if far over,
+  bisections; if far under, tries further up on the line through the two largest that fit)."""
   fits = lambda b: measure(b) is not None and measure(b).total_bytes <= budget
   if measure(per_chip) is None:  # out of memory: no measurement there; start from the smallest
     b1, b2, upper = 1, 2, per_chip
@@ -258,7 +261,8 @@ def _largest_batch(measure, per_chip: int, budget: float) -> Compiled | None:
     if guess <= best:
       break
     if fits(guess):
-      best = guess
+      lower, best = (b2 if fits(b2) else b1), guess
+      best = _climb(measure, fits, lower, best, upper, budget)
       break
     upper = guess
     if measure(guess) is None or measure(guess).total_bytes > _NEAR * budget:
@@ -275,6 +279,23 @@ def _largest_batch(measure, per_chip: int, budget: float) -> Compiled | None:
     if guess > 1 and fits(guess):
       best = guess
   return measure(best) if best else None
+
+
+def _climb(measure, fits, lower: int, best: int, upper: int, budget: float) -> int:
+  """From a fitting `best` far under the budget (memory grows slower than the line of two small
+  batches said): up to CLIMB_COMPILES tries on the line through `best` and the fitting `lower`,
+  aiming at 98% of the budget; a try over the budget is followed by bisections."""
+  for _ in range(CLIMB_COMPILES):
+    m_lower, m_best = measure(lower).total_bytes, measure(best).total_bytes
+    if m_best >= _FAR_UNDER * budget or m_best <= m_lower:
+      break
+    guess = min(best + int((_HBM_SHARES[1] * budget - m_best) * (best - lower) // (m_best - m_lower)), upper - 1)
+    if guess <= best:
+      break
+    if not fits(guess):
+      return _bisect(fits, best, guess, compiles=CLIMB_COMPILES)
+    lower, best = best, guess
+  return best
 
 
 def _bisect(fits, best: int, upper: int, compiles: int = BISECT_COMPILES) -> int:
