@@ -60,13 +60,24 @@ def run_cell(model: str, slice_name: str, workdir: str, searched: dict | None = 
   proc = subprocess.run(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   print(proc.stdout, flush=True)
   if proc.returncode:
-    return {"error": proc.stdout.strip().splitlines()[-1], "seconds": time.time() - start}
+    return {"error": _failure(proc.stdout), "seconds": time.time() - start}
   with open(os.path.join(workdir, "compile", topology.replace(":", "_") + ".json")) as f:
     report = json.load(f)
   report["seconds"] = time.time() - start
   report["command"] = " ".join(cmd[1:])
   report["batch_from"] = "checked at the batch per chip searched on a slice of the same chip" if searched else "searched"
   return report
+
+
+def _failure(output: str) -> str:
+  """The line saying why the compile mode failed: its `error:` line, or a crash (the compiler's
+  segmentation fault) with the last compile that finished before it."""
+  lines = output.strip().splitlines() or ["no output"]
+  fatal = [line for line in lines if line.startswith(("error:", "Fatal Python error"))]
+  if not fatal or fatal[0].startswith("error:"):
+    return (fatal or lines)[-1]
+  done = [line.strip() for line in lines if line.strip().startswith("[")]
+  return f"{fatal[0]} in the next compile after {done[-1] if done else 'none'}"
 
 
 def _searched_elsewhere(cells: dict, model: str, slice_name: str) -> dict | None:
