@@ -2,6 +2,7 @@
 and TPU slice (largest global batch that fits, estimated images/s), train and eval.
 
   python -m benchmarks.tpu_slices [--out benchmarks/results] [--models vit_s,vit_b] [--slices v5e-8]
+  python -m benchmarks.tpu_slices --models M --slices S --given eval=126 --because "why"  # no search
 
 Needs libtpu (pip install -e ".[tpu]"). Each cell runs `python -m dinomaly_jax.main
 --mode=compile` (the train step and the evaluation map function, each 3 to 5 compiles for the
@@ -51,7 +52,7 @@ def run_cell(model: str, slice_name: str, workdir: str, searched: dict | None = 
   arg, crop = MODELS[model]
   topology = SLICES[slice_name]
   chips = _chips(topology)
-  per_chip = searched or {"train": START_PER_CHIP, "eval": START_PER_CHIP}
+  per_chip = {"train": START_PER_CHIP, "eval": START_PER_CHIP, **(searched or {})}
   cmd = [sys.executable, "-m", "dinomaly_jax.main", f"--config=configs/mvtec.py:{arg}", f"--workdir={workdir}",
          "--mode=compile", f"--config.compile.topology={topology}", f"--config.compile.functions={functions!r}",
          f"--config.train.batch_size={per_chip['train'] * chips}", f"--config.eval.batch_size={per_chip['eval'] * chips}",
@@ -87,7 +88,7 @@ def _searched_elsewhere(cells: dict, model: str, slice_name: str) -> dict | None
     cell = cells.get(f"{model}/{other}")
     if (other != slice_name and topology.split(":")[0] == chip and cell and "error" not in cell
         and cell.get("batch_from", "searched") == "searched"):
-      return {f: r["largest_batch"]["per_chip_batch"] for f, r in cell["functions"].items()}
+      return {f: r.get("largest_batch", r)["per_chip_batch"] for f, r in cell["functions"].items()}
   return None
 
 
@@ -101,6 +102,7 @@ def markdown(cells: dict) -> str:
            "| model | crop | slice (topology) | function | largest global batch (per chip) | memory per chip | "
            "GFLOP per image | est. images/s | bound |",
            "|---|---|---|---|---|---|---|---|---|"]
+  footnotes = []
   for model in MODELS:
     for slice_name, topology in SLICES.items():
       cell = cells.get(f"{model}/{slice_name}")
@@ -114,12 +116,16 @@ def markdown(cells: dict) -> str:
       how = "" if cell.get("batch_from", "searched") == "searched" else " *"
       for function, r in cell["functions"].items():
         best = r.get("largest_batch", r)
+        if "given_because" in r:
+          footnotes.append(f"\u2020 {model} {function} on {slice_name}: {r['given_because']}")
         mem = best["memory_per_chip_gib"]
-        lines.append(label + f"| {function} | {best['global_batch']} ({best['per_chip_batch']}){how} | "
+        mark = " \u2020" if "given_because" in r else how
+        lines.append(label + f"| {function} | {best['global_batch']} ({best['per_chip_batch']}){mark} | "
                      f"{mem['total']:.2f} of {mem['hbm']:g} GiB | {best['gflop_per_image']:.0f} | "
                      f"{best['estimated_images_per_s']:,.0f} | {best['bound']} |")
   lines += ["", "\\* the largest batch per chip searched on the slice of the same chip type above, checked "
             "here by one compile per function (memory per chip does not depend on the number of chips).",
+            *(["", *footnotes] if footnotes else []),
             "", "Compile time on this machine per cell (seconds): " + ", ".join(
                 f"{k} {v['seconds']:.0f}" for k, v in cells.items() if "seconds" in v) + "."]
   return "\n".join(lines) + "\n"
@@ -140,8 +146,17 @@ def main(argv=None):
   parser.add_argument("--slices", default=",".join(SLICES))
   parser.add_argument("--functions", default="train,eval", help="with --redo: compile only these again")
   parser.add_argument("--redo", action="store_true", help="compile cells already written again")
+  parser.add_argument("--given", default="", help="FUNCTION=PER_CHIP: compile only that function at that "
+                      "per-chip batch (no search), for one model and slice, with --because")
+  parser.add_argument("--because", default="", help="with --given: why the search could not run (a footnote)")
   args = parser.parse_args(argv)
   functions = tuple(args.functions.split(","))
+  given = None
+  if args.given:
+    function, per_chip = args.given.split("=")
+    if "," in args.models + args.slices or not args.because:
+      parser.error("--given needs one model, one slice and --because")
+    given, functions, args.redo = {function: int(per_chip)}, (function,), True
   path = os.path.join(args.out, "tpu-slices.json")
   cells = json.load(open(path)) if os.path.exists(path) else {}
   for model in args.models.split(","):
@@ -150,7 +165,11 @@ def main(argv=None):
       if key in cells and "error" not in cells[key] and not args.redo:
         continue
       with tempfile.TemporaryDirectory() as workdir:
-        cell = run_cell(model, slice_name, workdir, _searched_elsewhere(cells, model, slice_name), functions)
+        cell = run_cell(model, slice_name, workdir, given or _searched_elsewhere(cells, model, slice_name),
+                        functions)
+      if given and "error" not in cell:
+        cell["functions"][function]["given_because"] = args.because
+        cell["batch_from"] = cells.get(key, {}).get("batch_from", "searched")
       if key in cells and "error" not in cells[key] and "error" not in cell:  # keep the other functions
         cell["functions"] = {**cells[key]["functions"], **cell["functions"]}
         cell["seconds"] += cells[key]["seconds"]
