@@ -273,6 +273,9 @@ def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_resumes(data_ro
     assert f"Resumed from the checkpoint of step 2 in {workdir}." in out and "I-AUROC" in out
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
     assert [m["step"] for m in _metric_lines(workdir)] == [2, 4, 4]  # log_every 2; 4: eval/
+    if not tmpfs:  # seen in the report, not passed over
+      pytest.skip("the full-disk half needs to mount a tmpfs (root with CAP_SYS_ADMIN, as CI runs); "
+                  "the file-size-limit half passed")
   finally:
     if tmpfs:
       subprocess.run(["umount", str(disk)], check=True)
