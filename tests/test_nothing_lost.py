@@ -234,7 +234,8 @@ def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_resumes(data_ro
   with one line naming the folder; resumed under a file-size limit of 8 MiB (RLIMIT_FSIZE: any
   user; orbax's files are larger), the checkpoint write fails half-way and the run ends with a
   line naming the file, and no traceback (tensorstore's callbacks into orbax's closed event loop
-  are dropped). The checkpoint of step 2 stays intact: with the space back, the run resumes from it and finishes."""
+  are dropped). The checkpoint of step 2 stays intact: with the space back, the run resumes from
+  it and finishes."""
   disk = tmp_path / "disk"
   tmpfs = _mount_tmpfs(disk, "200m")
   try:
