@@ -13,6 +13,7 @@ resuming need only --workdir, plus the fields that may change (data root, eval/p
 """
 import os
 import sys
+import threading
 import traceback
 
 from absl import app
@@ -66,9 +67,23 @@ def _fail_on_store_failure(error: Exception, argv) -> None:
   command_line.fail(errors.StorageError(message), argv)
 
 
+def _drop_closed_loop_callbacks() -> None:
+  """A checkpoint write that fails half-way ends orbax's event loop while tensorstore's threads
+  still hand it callbacks: each (hundreds) prints "RuntimeError: Event loop is closed" through
+  sys.unraisablehook, off the main thread. Those are dropped; main reports the cause in one line."""
+  default = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+            and threading.current_thread() is not threading.main_thread()):
+      default(unraisable)
+  sys.unraisablehook = hook
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  _drop_closed_loop_callbacks()
   logging.set_verbosity(logging.WARNING)  # keep the libraries' INFO lines off the terminal
   platforms.use_local_hardware_only()  # libtpu installed without a TPU: stay quiet on the CPU
   try:

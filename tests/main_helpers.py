@@ -1,5 +1,7 @@
 """A tiny config and dataset for end-to-end tests of the main job."""
 import importlib
+import json
+import os
 
 from dinomaly_jax.data import synthetic
 
@@ -35,3 +37,9 @@ def shallow(config):
 def tiny_dataset(root):
   return synthetic.generate(str(root), seed=0, classes=("brick", "nut"), image_size=64,
                             n_train=8, n_test_good=3, n_test_bad=3)
+
+
+def metric_lines(workdir) -> list[dict]:
+  """<workdir>/metrics.jsonl, one dict per line."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]

@@ -60,10 +60,11 @@ def test_train_resume_predict_export_with_the_workdir_on_gcs(gcs, tmp_path):
   root = main_helpers.tiny_dataset(tmp_path / "data")
   workdir = f"{RUN}/single"
   cache = tmp_path / "cache"
-  first = _finish(_start(_main(root, workdir, "--config.train.stop_after=3"), gcs, cache))
+  no_eval_at_3 = "--config.train.eval_every=0"  # the final evaluation only (tests/test_main.py: at the resumed step)
+  first = _finish(_start(_main(root, workdir, "--config.train.stop_after=3", no_eval_at_3), gcs, cache))
   assert "Stopped after step 3" in first
   assert _names(f"{workdir}/checkpoints") == {"3"}
-  resumed = _finish(_start(_main(root, workdir), gcs, cache))
+  resumed = _finish(_start(_main(root, workdir, no_eval_at_3), gcs, cache))
   assert "Resumed from the checkpoint of step 3" in resumed and "I-AUROC" in resumed
   assert {"config.json", "encoder.json", "metrics.jsonl", "thresholds.json", "calibration.json",
           "checkpoints", "tensorboard", "eval"} <= _names(workdir)
@@ -129,7 +130,8 @@ def test_two_pack_only_hosts_with_the_workdir_on_gcs(gcs, tmp_path):
   assert "Packed" in out
   shutil.rmtree(root)  # the hosts have the pack only
   workdir = f"{RUN}/pod"
-  flags = [f"--config.data.packed={pack}", "--config.data.cache_features=True"]
+  flags = [f"--config.data.packed={pack}", "--config.data.cache_features=True",
+           "--config.train.eval_every=0"]  # the final evaluation only (tests/test_pod_modes.py: at the resumed step)
 
   def two_processes(*extra):  # as `srun` starts them: jax.distributed.initialize() reads SLURM_*
     job = str(_slurm_job_id())

@@ -72,8 +72,7 @@ def test_train_writes_report_thresholds_pictures_logs(trained):
   assert os.path.getsize(os.path.join(workdir, "eval", "report.html")) > 0
   pictures = os.listdir(os.path.join(workdir, "eval", "pictures", "brick"))
   assert len([p for p in pictures if p.endswith(".png")]) >= 3  # 2 strips + score plots
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    logged = [json.loads(line) for line in f]
+  logged = main_helpers.metric_lines(workdir)
   train_logs = [m for m in logged if "loss" in m]
   assert [m["step"] for m in train_logs] == [2, 3, 4, 6]  # log_every 2, plus checkpoint step 3
   assert all(math.isfinite(m["loss"]) and {"p", "lr"} <= set(m) for m in train_logs)
@@ -166,14 +165,17 @@ def test_export_reloads_and_gives_the_same_maps(trained, data_root):
 
 def test_resume_follows_the_uninterrupted_trajectory(data_root, tmp_path):
   """train.stop_after then a resume, in process (tests/test_nothing_lost.py kills and resumes
-  the command line at random steps)."""
+  the command line at random steps). The evaluation due at step 3 did not run before the stop
+  (as when a kill ends it): the resumed run does it first."""
   straight = main_helpers.tiny_config(data_root, steps=6, checkpoint_every=3, eval_every=0)
   run.run(straight, str(tmp_path / "straight"))
-  split = main_helpers.tiny_config(data_root, steps=6, checkpoint_every=3, eval_every=0,
+  split = main_helpers.tiny_config(data_root, steps=6, checkpoint_every=3, eval_every=3,
                                    stop_after=3)
   run.run(split, str(tmp_path / "split"))  # stops (and checkpoints) after step 3
   assert sorted(os.listdir(tmp_path / "split" / "checkpoints")) == ["3"]
-  run.run(split, str(tmp_path / "split"))  # resumes at step 3, runs to 6
+  assert not [m for m in main_helpers.metric_lines(tmp_path / "split") if "eval/I-AUROC" in m]
+  run.run(split, str(tmp_path / "split"))  # resumes at step 3, evaluates it, runs to 6
+  assert [m["step"] for m in main_helpers.metric_lines(tmp_path / "split") if "eval/I-AUROC" in m] == [3, 6]
   a = _params(straight, str(tmp_path / "straight"))
   b = _params(split, str(tmp_path / "split"))
   diff = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))

@@ -84,11 +84,6 @@ def _clients(env):
       gcsfs.GCSFileSystem.clear_instance_cache()
 
 
-def _metric_lines(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 def _wait_for(folder, name_fn, proc, timeout=300):
   """Polls `folder` every 2 ms until name_fn(names) is true; the names then."""
   deadline = time.time() + timeout
@@ -149,7 +144,7 @@ def test_sigkill_at_random_steps_then_resume_gives_the_uninterrupted_run(data_ro
   for key in want:
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
   # Each step's metrics once, the same values (each from the run that trained the kept step).
-  assert _metric_lines(killed) == _metric_lines(straight)
+  assert main_helpers.metric_lines(killed) == main_helpers.metric_lines(straight)
   with open(straight / "eval" / "report.json") as f, open(killed / "eval" / "report.json") as g:
     assert json.load(f)["mean"] == json.load(g)["mean"]
 
@@ -238,8 +233,9 @@ def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_resumes(data_ro
   left: needs root; a checkpoint is 72 MiB), it stops before writing the checkpoint of step 4,
   with one line naming the folder; resumed under a file-size limit of 8 MiB (RLIMIT_FSIZE: any
   user; orbax's files are larger), the checkpoint write fails half-way and the run ends with a
-  line naming the file (orbax's background threads print their own tracebacks first). The
-  checkpoint of step 2 stays intact: with the space back, the run resumes from it and finishes."""
+  line naming the file, and no traceback (tensorstore's callbacks into orbax's closed event loop
+  are dropped). The checkpoint of step 2 stays intact: with the space back, the run resumes from
+  it and finishes."""
   disk = tmp_path / "disk"
   tmpfs = _mount_tmpfs(disk, "200m")
   try:
@@ -263,8 +259,8 @@ def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_resumes(data_ro
       os.remove(ballast)
     limited = _start(command, env, preexec_fn=_file_size_limit(8 << 20))
     out = _finish(limited, ok=False)
-    errors = [line for line in out.splitlines() if line.startswith("error")]  # one, among orbax's messages
-    assert len(errors) == 1, out
+    errors = [line for line in out.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "Traceback" not in out and "Event loop is closed" not in out, out
     assert re.fullmatch(rf"error: {workdir}/checkpoints/4{ORBAX_TMP}/\S+: the file outgrew this process's "
                         rf"file-size limit \(ulimit -f\)\. The last finished checkpoint is intact; free some "
                         rf"space\. Resume with: python -m dinomaly_jax\.main --workdir={workdir}", errors[0]), out
@@ -272,7 +268,10 @@ def test_a_full_disk_stops_with_one_line_and_the_last_checkpoint_resumes(data_ro
     out = _finish(_start(command, env))
     assert f"Resumed from the checkpoint of step 2 in {workdir}." in out and "I-AUROC" in out
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
-    assert [m["step"] for m in _metric_lines(workdir)] == [2, 4, 4]  # log_every 2; 4: eval/
+    assert [m["step"] for m in main_helpers.metric_lines(workdir)] == [2, 4, 4]  # log_every 2; 4: eval/
+    if not tmpfs:  # seen in the report, not passed over
+      pytest.skip("the full-disk half needs to mount a tmpfs (root with CAP_SYS_ADMIN, as CI runs); "
+                  "the file-size-limit half passed")
   finally:
     if tmpfs:
       subprocess.run(["umount", str(disk)], check=True)

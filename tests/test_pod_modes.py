@@ -108,6 +108,8 @@ def test_train_resume_export_on_two_processes_with_a_converted_encoder(weights, 
   second = _run(None, workdir, caches)  # resumes from step 3 with the saved config
   assert "Resumed from the checkpoint of step 3" in second[0] and "I-AUROC" in second[0]
   assert "I-AUROC" not in second[1]  # one process reports
+  # The evaluation due at step 3 (eval_every 3), not run before the stop: the hosts agree to run it first.
+  assert [m["step"] for m in main_helpers.metric_lines(workdir) if "eval/I-AUROC" in m] == [3, 6]
   report = json.load(open(workdir / "eval" / "report.json"))
   assert report["step"] == 6 and set(report["classes"]) == {"brick", "nut"}
   _run(None, workdir, caches, "--mode=export")

@@ -43,6 +43,13 @@ class MetricWriter:
       self._lines = "".join(kept)
       storage.write_shared(self._jsonl_path, self._lines)
 
+  def has_eval(self, step: int) -> bool:
+    """Whether the evaluation of `step` was logged (primary process; False on the others)."""
+    if not self._active:
+      return False
+    records = [json.loads(line) for line in self._lines.splitlines() if line.strip()]
+    return any(r["step"] == step and any(k.startswith("eval/") for k in r) for r in records)
+
   def write_scalars(self, step: int, scalars: dict) -> None:
     if not self._active:
       return

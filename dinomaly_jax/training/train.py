@@ -80,6 +80,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     end = config.train.steps
     if config.train.stop_after:
       end = min(end, start + config.train.stop_after)
+    if 0 < start < end and _due(start, config.train.eval_every) and storage.primary_decides(
+        not writer.has_eval(start)):  # due at the resumed step, never logged (killed during it, or stop_after)
+      _log_eval(writer, start, evaluate.evaluate(config, workdir, model, model_state.variables(loop.state),
+                                                 test_records, step=start, mesh=mesh))
     with interrupt.StopOnSignal() as stop:
       while loop.done < end:
         loop.step(next(device_batches))
