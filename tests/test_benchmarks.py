@@ -61,3 +61,26 @@ def test_deploy_speed_writes_all_runtimes_and_their_parity(tmp_path):
   for name in ("onnxruntime", "openvino_f32"):  # float32 runtimes: the JAX maps and scores
     assert rows[name]["max_abs_map_diff"] <= 1e-5 and rows[name]["max_abs_score_diff"] <= 1e-5, name
   assert "| ViT-small | 28 | 2 | openvino_bf16 |" in open(tmp_path / "deploy.md").read()
+
+
+def test_tpu_slices_table_names_crashes_and_given_batches():
+  """The compile table's bookkeeping (no compile): a compiler crash is recorded with the last
+  compile before it; a batch given by hand (--given) is marked and its reason footnoted."""
+  from benchmarks import tpu_slices  # pylint: disable=g-import-not-at-top
+  crash = ("Compiling for v5e:2x4\n  [evaluation map function at 8 per chip: 2.29 GiB per chip; 69 s]\n"
+           "Fatal Python error: Segmentation fault\n\nExtension modules: numpy (total: 1)\n")
+  assert tpu_slices._failure(crash) == ("Fatal Python error: Segmentation fault in the next compile after "  # pylint: disable=protected-access
+                                        "[evaluation map function at 8 per chip: 2.29 GiB per chip; 69 s]")
+  assert tpu_slices._failure("a\nerror: config.train.batch_size=9: x\n") == "error: config.train.batch_size=9: x"  # pylint: disable=protected-access
+  result = lambda per_chip, **extra: {"global_batch": 8 * per_chip, "per_chip_batch": per_chip, "gflop_per_image": 1.0,
+                                      "estimated_images_per_s": 10.0, "bound": "memory",
+                                      "memory_per_chip_gib": {"total": 1.5, "hbm": 16}, **extra}
+  cells = {"vit_s/v5e-8": {"seconds": 1, "functions": {
+      "train": {"largest_batch": result(38)}, "eval": result(126, given_because="the compiler crashes over the HBM")}},
+           "vit_b/v5e-8": {"error": "Fatal Python error: Segmentation fault in the next compile after none"}}
+  table = tpu_slices.markdown(cells)
+  assert "| vit_s | 392 | v5e-8 (v5e:2x4) | train | 304 (38) | 1.50 of 16 GiB |" in table
+  assert "| vit_s | 392 | v5e-8 (v5e:2x4) | eval | 1008 (126) \u2020 |" in table
+  assert "\u2020 vit_s eval on v5e-8: the compiler crashes over the HBM" in table
+  assert "| vit_b | 392 | v5e-8 (v5e:2x4) | train, eval | Fatal Python error: Segmentation fault" in table
+  assert tpu_slices._searched_elsewhere(cells, "vit_s", "v5e-256") == {"train": 38, "eval": 126}  # pylint: disable=protected-access
