@@ -98,7 +98,7 @@ def markdown(cells: dict) -> str:
            f"{_libtpu_version()}, on a CPU machine). Images/s are a roofline ESTIMATE from the chips' "
            "published peak bf16 FLOP/s and HBM bandwidth (dinomaly_jax/tpu_chips.py), not measurements; "
            "the batch is the largest the search found (a line through two compiles, checked by a compile; "
-           "bisections where memory grows faster than the line).", "",
+           "bisections where memory grows faster than the line, tries further up where it grows slower).", "",
            "| model | crop | slice (topology) | function | largest global batch (per chip) | memory per chip | "
            "GFLOP per image | est. images/s | bound |",
            "|---|---|---|---|---|---|---|---|---|"]
