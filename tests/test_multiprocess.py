@@ -14,7 +14,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _main(root, workdir, extra_env=None):
   cmd = [sys.executable, "-m", "dinomaly_jax.main", f"--config=tests/tiny_config.py:{root}",
-         f"--workdir={workdir}"]
+         f"--workdir={workdir}", "--config.train.eval_every=0"]  # the final evaluation only
+  # (an evaluation between steps on 2 processes: tests/test_pod_modes.py, at the resumed step)
   env = dict(os.environ, JAX_PLATFORMS="cpu", **(extra_env or {}))
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)

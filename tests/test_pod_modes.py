@@ -130,7 +130,8 @@ def test_eval_of_a_reference_model_into_a_new_work_directory_on_two_processes(we
 
 def test_four_processes_of_two_devices_train_like_one(weights, tmp_path):
   encoder_file, _, root = weights
-  args = [*_pretrained(encoder_file), "--config.train.batch_size=8", "--config.eval.batch_size=8"]
+  args = [*_pretrained(encoder_file), "--config.train.batch_size=8", "--config.eval.batch_size=8",
+          "--config.train.eval_every=0"]  # the final evaluation only
   _run(root, tmp_path / "single", [tmp_path / "cache"], *args, devices=8)
   outs = _run(root, tmp_path / "pod", [tmp_path / f"cache{i}" for i in range(4)], *args, devices=2)
   assert "8 devices" in outs[0]

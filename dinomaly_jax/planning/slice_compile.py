@@ -261,8 +261,7 @@ def _largest_batch(measure, per_chip: int, budget: float) -> Compiled | None:
     if guess <= best:
       break
     if fits(guess):
-      lower, best = (b2 if fits(b2) else b1), guess
-      best = _climb(measure, fits, lower, best, upper, budget)
+      best = _climb(measure, fits, b2 if fits(b2) else b1, guess, upper, budget)
       break
     upper = guess
     if measure(guess) is None or measure(guess).total_bytes > _NEAR * budget:
