@@ -48,7 +48,8 @@ def _chips(topology: str) -> int:
 def run_cell(model: str, slice_name: str, workdir: str, searched: dict | None = None,
              functions: tuple = ("train", "eval")) -> dict:
   """The compile mode for one model on one slice. searched: {function: per-chip batch} found
-  by another slice of the same chip type; then one compile per function checks it here."""
+  by another slice of the same chip type (or given by hand, --given); then one compile per
+  function checks it here."""
   arg, crop = MODELS[model]
   topology = SLICES[slice_name]
   chips = _chips(topology)

@@ -76,14 +76,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   loop = _TrainLoop(config, workdir, model, mesh, state, mngr, guard, writer, start)
   result = {}
   device_batches = _on_device(batches, mesh)
+
+  def evaluate_now(step: int) -> dict:  # the current state (after any rollback)
+    return evaluate.evaluate(config, workdir, model, model_state.variables(loop.state), test_records,
+                             step=step, mesh=mesh)
+
   try:
     end = config.train.steps
     if config.train.stop_after:
       end = min(end, start + config.train.stop_after)
     if 0 < start < end and _due(start, config.train.eval_every) and storage.primary_decides(
         not writer.has_eval(start)):  # due at the resumed step, never logged (killed during it, or stop_after)
-      _log_eval(writer, start, evaluate.evaluate(config, workdir, model, model_state.variables(loop.state),
-                                                 test_records, step=start, mesh=mesh))
+      _log_eval(writer, start, evaluate_now(start))
     with interrupt.StopOnSignal() as stop:
       while loop.done < end:
         loop.step(next(device_batches))
@@ -101,15 +105,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           loop.stop(stop)
         if _due(done, config.train.eval_every) and not is_last:
           mngr.wait_until_finished()
-          _log_eval(writer, done, evaluate.evaluate(config, workdir, model, model_state.variables(loop.state),
-                                                    test_records, step=done, mesh=mesh))
+          _log_eval(writer, done, evaluate_now(done))
     loop.bar.close()
     mngr.wait_until_finished()
     if end < config.train.steps:
       _log(f"Stopped after step {end} (config.train.stop_after); run again in {workdir} to resume.")
     else:
-      result = evaluate.evaluate(config, workdir, model, model_state.variables(loop.state), test_records,
-                                 step=end, mesh=mesh)
+      result = evaluate_now(end)
       _log_eval(writer, end, result)
   finally:
     loop.bar.close()
